@@ -1,0 +1,232 @@
+"""``histomet-client``: predict metastasis risk and site for a slide through Triton.
+
+Exit codes: 0 prediction made, 1 unexpected error, 2 invalid arguments,
+3 invalid input slide, 4 server or model failure, 5 no tissue found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from histomet.client.redact import redacted_native_stderr
+from histomet.errors import HistometError
+from histomet.errors import NoTissueError
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="histomet-client",
+        description="Predict metastasis risk, and site for high-risk slides, "
+        "from a whole-slide image through a Triton server.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show stack traces and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="predict one slide")
+    predict.add_argument("slide", type=Path, help="slide file, or DICOM WSI folder")
+    predict.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="Triton gRPC address HOST:PORT (default: 127.0.0.1:8001)",
+    )
+    predict.add_argument("--model", default="histomet", help="ensemble name (default: histomet)")
+    predict.add_argument("--json", type=Path, help="write the result as JSON to this file")
+    predict.add_argument(
+        "--mpp",
+        type=_positive_float,
+        help="microns per pixel at level 0, for slides whose metadata lacks it; "
+        "overrides the metadata when given",
+    )
+    predict.add_argument(
+        "--reader",
+        choices=("auto", "cucim", "openslide"),
+        default="auto",
+        help="slide reader (default: auto, cuCIM then OpenSlide)",
+    )
+    predict.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        help="tiles per request, capped by the encoder's max_batch_size (default: 16)",
+    )
+    predict.add_argument(
+        "--timeout-s",
+        type=_positive_float,
+        default=600.0,
+        help="seconds to wait for each response before failing the slide (default: 600)",
+    )
+    predict.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the client's Prometheus metrics on 127.0.0.1:PORT while running",
+    )
+    predict.add_argument(
+        "--metrics-linger-s",
+        type=float,
+        default=0.0,
+        help="keep the metrics endpoint up this many seconds after the prediction, "
+        "so a scraper can read the final values (default: 0)",
+    )
+    predict.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="name the slide's path in messages (off by default: file names can "
+        "hold patient identifiers)",
+    )
+    predict.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def _write_json(path: Path, result: dict) -> None:
+    """Write ``result`` through a temporary file and rename, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as handle:
+        json.dump(result, handle, indent=2)
+        handle.write("\n")
+        temporary = Path(handle.name)
+    os.replace(temporary, path)
+
+
+def format_summary(result: dict) -> str:
+    """Return the short human summary of a result; never includes the file name."""
+    slide = result["slide"]
+    model = result["model"]
+    lines = []
+    if model.get("demo_weights"):
+        lines.append(f"*** {result['notice']} ***")
+    lines.append(
+        f"slide   {slide['id']}  reader {slide['reader']}  {slide['mpp']:.3f} µm/px "
+        f"({slide['mpp_source']})  {slide['tiles']} tiles of {slide['tile_px']} px"
+    )
+    if result["status"] == "no_tissue":
+        lines.append(f"result  {result['message']}")
+        return "\n".join(lines)
+    risk = result["risk"]
+    decision = "HIGH RISK" if risk["high_risk"] else "low risk"
+    lines.append(
+        f"risk    {risk['probability']:.4f}  threshold {risk['threshold']:.4f} "
+        f"(operating point for {risk['sensitivity_target']:.0%} sensitivity): {decision}"
+    )
+    site = result["site"]
+    if site["evaluated"]:
+        ranked = sorted(site["probabilities"].items(), key=lambda item: -item[1])
+        lines.append("site    " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+    else:
+        lines.append(f"site    not evaluated: {site['reason']}")
+    lines.append(
+        f"model   {model['name']} {model['version']} (Triton version {model['triton_version']}, "
+        f"manifest {model['manifest_sha256'][:12]})"
+    )
+    timing = result["timing_s"]
+    lines.append(
+        f"time    {timing['total_s']:.1f} s total: tissue {timing['tissue_s']:.1f} s, "
+        f"tile reads {timing['tiling_read_s']:.1f} s, stream {timing['stream_s']:.1f} s "
+        "(reads overlap inference)"
+    )
+    if model.get("demo_weights"):
+        lines.append(f"*** {result['notice']} ***")
+    return "\n".join(lines)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from histomet.client.predict import PredictOptions
+    from histomet.client.predict import predict_slide
+
+    options = PredictOptions(
+        url=args.url,
+        model=args.model,
+        reader=args.reader,
+        mpp=args.mpp,
+        batch_size=args.batch_size,
+        timeout_s=args.timeout_s,
+        show_paths=args.show_paths,
+    )
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
+        _LOGGER.info("client metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
+    try:
+        if args.show_paths:
+            result = predict_slide(args.slide, options)
+        else:
+            secrets = (str(args.slide), str(args.slide.absolute()), args.slide.name)
+            with redacted_native_stderr(secrets):
+                result = predict_slide(args.slide, options)
+        if args.json is not None:
+            _write_json(args.json, result)
+        if not args.quiet:
+            print(format_summary(result), flush=True)
+    finally:
+        # The metrics stay readable after success and after failure alike.
+        if args.metrics_port is not None and args.metrics_linger_s > 0:
+            time.sleep(args.metrics_linger_s)
+    if result["status"] == "no_tissue":
+        return NoTissueError.exit_code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "predict":
+            return _predict(args)
+        parser.error(f"unknown command {args.command}")
+    except HistometError as error:
+        if args.debug:
+            _LOGGER.exception("prediction failed")
+        print(f"histomet-client: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("histomet-client: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - last resort, one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"histomet-client: error: unexpected {type(error).__name__}: {error}. "
+            "Rerun with --debug for the stack trace",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Read a served model's contract from Triton before any tile is sent.
+
+The client never hard-codes preprocessing: the tile size, target MPP, site
+labels, concept ids, risk threshold and model version come from the ensemble's
+config parameters, and the encoder's ``max_batch_size`` bounds each request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from histomet import spec
+from histomet.errors import ModelConfigError
+from histomet.errors import ServerUnavailableError
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The ensemble as the server reports it, with its ready version."""
+
+    name: str
+    version: str
+    spec: spec.ModelSpec
+    server_version: str
+
+
+def connect(url: str, timeout_s: float = 10.0) -> grpcclient.InferenceServerClient:
+    """Open a gRPC client and check that the server is live and ready."""
+    try:
+        client = grpcclient.InferenceServerClient(url=url)
+        live = client.is_server_live(client_timeout=timeout_s)
+        ready = client.is_server_ready(client_timeout=timeout_s)
+    except InferenceServerException as error:
+        raise ServerUnavailableError(
+            f"cannot reach Triton at {url} ({_first_line(error)})",
+            "start it with `histomet serve --repository DIR` or pass --url HOST:PORT",
+        ) from error
+    if not live or not ready:
+        raise ServerUnavailableError(
+            f"Triton at {url} is {'live' if live else 'not live'} but not ready",
+            "wait until its models have loaded, then retry",
+        )
+    return client
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _parameter(parameters: dict, key: str, model: str) -> str:
+    try:
+        return parameters[key]["string_value"]
+    except KeyError:
+        raise ModelConfigError(
+            f"model {model!r} has no config parameter {key!r}",
+            "serve a repository written by `histomet export`",
+        ) from None
+
+
+def describe(
+    client: grpcclient.InferenceServerClient, model_name: str, timeout_s: float = 10.0
+) -> ServedModel:
+    """Return the served ensemble's version and contract, or raise if it is not ready."""
+    try:
+        if not client.is_model_ready(model_name, client_timeout=timeout_s):
+            raise ModelConfigError(
+                f"model {model_name!r} is not ready on the server",
+                "check `curl 127.0.0.1:HTTP_PORT/v2/models/"
+                f"{model_name}/ready` and the server log",
+            )
+        metadata = client.get_model_metadata(model_name, as_json=True, client_timeout=timeout_s)
+        config = client.get_model_config(model_name, as_json=True, client_timeout=timeout_s)[
+            "config"
+        ]
+        encoder = client.get_model_config(
+            spec.ENCODER_MODEL, as_json=True, client_timeout=timeout_s
+        )["config"]
+        server = client.get_server_metadata(as_json=True, client_timeout=timeout_s)
+    except InferenceServerException as error:
+        raise ModelConfigError(
+            f"cannot read model {model_name!r} from the server ({_first_line(error)})",
+            "check that the repository holds the histomet ensemble and its models",
+        ) from error
+
+    parameters = config.get("parameters", {})
+
+    def get(key: str) -> str:
+        return _parameter(parameters, key, model_name)
+
+    try:
+        model_spec = spec.ModelSpec(
+            tile_px=int(get(spec.PARAM_TILE_PX)),
+            target_mpp=float(get(spec.PARAM_TARGET_MPP)),
+            site_labels=tuple(json.loads(get(spec.PARAM_SITE_LABELS))),
+            concept_ids=tuple(json.loads(get(spec.PARAM_CONCEPT_IDS))),
+            risk_threshold=float(get(spec.PARAM_RISK_THRESHOLD)),
+            sensitivity_target=float(get(spec.PARAM_SENSITIVITY_TARGET)),
+            version=get(spec.PARAM_MODEL_VERSION),
+            demo_weights=get(spec.PARAM_DEMO_WEIGHTS) == "true",
+            manifest_sha256=get(spec.PARAM_MANIFEST_SHA256),
+            min_tissue_fraction=float(get(spec.PARAM_MIN_TISSUE_FRACTION)),
+            encoder_max_batch=int(encoder.get("max_batch_size", 0)),
+        )
+    except (ValueError, TypeError) as error:
+        raise ModelConfigError(
+            f"model {model_name!r} has an invalid config parameter ({error})",
+            "re-export the repository with `histomet export`",
+        ) from error
+    if model_spec.encoder_max_batch < 1:
+        raise ModelConfigError(
+            f"encoder max_batch_size is {model_spec.encoder_max_batch}",
+            "the patch encoder must batch; re-export the repository",
+        )
+    versions = metadata.get("versions") or ["?"]
+    return ServedModel(
+        name=model_name,
+        version=str(versions[-1]),
+        spec=model_spec,
+        server_version=str(server.get("version", "")),
+    )

@@ -1,0 +1,285 @@
+"""Stream one slide's tiles to the ensemble as one sequence over a gRPC stream.
+
+A reader thread fills a bounded queue with tile batches while the sender keeps
+at most ``max_in_flight`` requests on the server, so tile reading overlaps
+inference and memory stays bounded by the queue and the window, whatever the
+slide's size. Each request carries ``TILE_OFFSET``, the index of its first tile
+in the bag; the server's MIL models reject a request whose offset does not
+follow the tiles pooled so far, so a lost or reordered batch fails the slide
+instead of changing its prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from histomet import spec
+from histomet.client import metrics
+from histomet.errors import InferenceError
+
+_LOGGER = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass
+class StreamResult:
+    """Per-tile outputs in tile order and the final slide-level outputs."""
+
+    sequence_id: int
+    risk_probability: float
+    risk_high: bool
+    risk_threshold: float
+    tiles_pooled: int
+    site_probabilities: np.ndarray
+    site_evaluated: bool
+    risk_attention: np.ndarray
+    site_attention: np.ndarray
+    concept_scores: np.ndarray
+    read_s: float
+    stream_s: float
+    first_response_s: float
+    requests: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Reader(threading.Thread):
+    """Pull batches from the slide into a bounded queue, timing the reads."""
+
+    def __init__(self, batches: Iterable, prefetch: int) -> None:
+        super().__init__(name="histomet-tile-reader", daemon=True)
+        self._batches = batches
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.read_s = 0.0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        iterator = iter(self._batches)
+        try:
+            while not self._stop_event.is_set():
+                started = time.perf_counter()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                elapsed = time.perf_counter() - started
+                self.read_s += elapsed
+                metrics.TILE_BATCH_READ_SECONDS.observe(elapsed)
+                metrics.TILES_READ.inc(len(batch.tiles))
+                self._put(batch)
+        except BaseException as error:  # noqa: BLE001 - handed to the sender
+            self.error = error
+        finally:
+            self._put(_DONE)
+
+    def _put(self, item: object) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self.queue.get()
+            if item is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+
+def new_sequence_id() -> int:
+    """Return a random non-zero 63-bit correlation id."""
+    return secrets.randbits(63) or 1
+
+
+def stream_slide(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    batches: Iterable,
+    n_tiles: int,
+    *,
+    model_version: str = "",
+    max_in_flight: int = 2,
+    prefetch: int = 2,
+    response_timeout_s: float = 600.0,
+    sequence_id: int | None = None,
+) -> StreamResult:
+    """Send every batch as one sequence and return the slide's outputs.
+
+    Each batch has ``offset`` (index of its first tile), ``coords_l0`` and
+    ``tiles`` (uint8 [B, tile_px, tile_px, 3]), like ``histomet.slide.TileBatch``.
+
+    ``n_tiles`` must equal the total number of tiles in ``batches``: the request
+    that reaches it carries the sequence-end flag. Raises ``InferenceError`` on
+    any failed request, a response timeout, or a tile count that disagrees with
+    what the server pooled.
+    """
+    if n_tiles < 1:
+        raise ValueError("stream_slide needs at least one tile")
+    sequence_id = sequence_id or new_sequence_id()
+    responses: queue.Queue = queue.Queue()
+    window = threading.Semaphore(max_in_flight)
+    sent_at: dict[str, float] = {}
+
+    def on_response(result, error) -> None:
+        received = time.perf_counter()
+        request_id = None
+        if result is not None:
+            request_id = result.get_response().id
+        elif error is not None:
+            request_id = getattr(error, "request_id", None)
+        if request_id in sent_at:
+            metrics.REQUEST_SECONDS.observe(received - sent_at[request_id])
+        window.release()
+        responses.put((received, request_id, result, error))
+
+    reader = _Reader(batches, prefetch)
+    started = time.perf_counter()
+    client.start_stream(callback=on_response)
+    reader.start()
+    outputs: dict[int, dict[str, np.ndarray]] = {}
+    first_response_s = 0.0
+    sent = 0
+    tiles_sent = 0
+
+    def collect(block: bool, timeout_s: float) -> None:
+        nonlocal first_response_s
+        try:
+            received, request_id, result, error = responses.get(block, timeout_s)
+        except queue.Empty:
+            if block:
+                raise InferenceError(
+                    f"no response from model {model!r} within {timeout_s:.0f} s "
+                    f"(sequence {sequence_id})",
+                    "raise --timeout-s or check the server's load and log",
+                ) from None
+            return
+        if error is not None:
+            metrics.ERRORS.labels(kind="inference").inc()
+            raise InferenceError(
+                f"model {model!r} failed a request of sequence {sequence_id}: "
+                f"{_message(error)}",
+                "retry the slide; if it fails again, read the server log",
+            )
+        if not first_response_s:
+            first_response_s = received - started
+        outputs[int(request_id)] = {
+            name: result.as_numpy(name) for name in spec.ENSEMBLE_OUTPUTS
+        }
+
+    try:
+        for batch in reader:
+            count = int(batch.tiles.shape[0])
+            if batch.offset != tiles_sent:
+                raise InferenceError(
+                    f"tile batch at offset {batch.offset} follows {tiles_sent} tiles",
+                    "this is a bug in the tile reader; report it",
+                )
+            while not window.acquire(timeout=0.05):
+                collect(block=False, timeout_s=0.0)
+            end = tiles_sent + count >= n_tiles
+            _send(client, model, model_version, batch, sent, sequence_id, end)
+            sent_at[str(sent)] = time.perf_counter()
+            sent += 1
+            tiles_sent += count
+            # Drain whatever has arrived, so errors surface early.
+            while not responses.empty():
+                collect(block=False, timeout_s=0.0)
+        if tiles_sent != n_tiles:
+            raise InferenceError(
+                f"the tile reader produced {tiles_sent} tiles, expected {n_tiles}",
+                "the slide may have changed while it was read; retry",
+            )
+        while len(outputs) < sent:
+            collect(block=True, timeout_s=response_timeout_s)
+    finally:
+        reader.stop()
+        client.stop_stream(cancel_requests=len(outputs) < sent)
+    stream_s = time.perf_counter() - started
+    return _assemble(outputs, sent, sequence_id, n_tiles, reader.read_s, stream_s, first_response_s)
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, InferenceServerException):
+        return error.message() or str(error)
+    return str(error)
+
+
+def _send(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    model_version: str,
+    batch,
+    index: int,
+    sequence_id: int,
+    end: bool,
+) -> None:
+    tiles = np.ascontiguousarray(batch.tiles, dtype=np.uint8)
+    tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
+    tiles_input.set_data_from_numpy(tiles)
+    offset_input = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
+    offset_input.set_data_from_numpy(np.array([batch.offset], dtype=np.int64))
+    client.async_stream_infer(
+        model,
+        [tiles_input, offset_input],
+        model_version=model_version,
+        request_id=str(index),
+        sequence_id=sequence_id,
+        sequence_start=index == 0,
+        sequence_end=end,
+    )
+
+
+def _assemble(
+    outputs: dict[int, dict[str, np.ndarray]],
+    sent: int,
+    sequence_id: int,
+    n_tiles: int,
+    read_s: float,
+    stream_s: float,
+    first_response_s: float,
+) -> StreamResult:
+    ordered = [outputs[index] for index in range(sent)]
+    final = ordered[-1]
+    tiles_pooled = int(final[spec.TILES_POOLED].reshape(-1)[0])
+    if tiles_pooled != n_tiles:
+        raise InferenceError(
+            f"the server pooled {tiles_pooled} tiles of sequence {sequence_id}, "
+            f"but {n_tiles} were sent",
+            "retry the slide; a partial bag never gives a prediction",
+        )
+    return StreamResult(
+        sequence_id=sequence_id,
+        risk_probability=float(final[spec.RISK_PROBABILITY].reshape(-1)[0]),
+        risk_high=bool(final[spec.RISK_HIGH].reshape(-1)[0]),
+        risk_threshold=float(final[spec.RISK_THRESHOLD].reshape(-1)[0]),
+        tiles_pooled=tiles_pooled,
+        site_probabilities=final[spec.SITE_PROBABILITIES].reshape(-1).astype(np.float64),
+        site_evaluated=bool(final[spec.SITE_EVALUATED].reshape(-1)[0]),
+        risk_attention=np.concatenate([o[spec.RISK_ATTENTION].reshape(-1) for o in ordered]),
+        site_attention=np.concatenate([o[spec.SITE_ATTENTION].reshape(-1) for o in ordered]),
+        concept_scores=np.concatenate([o[spec.CONCEPT_SCORES] for o in ordered], axis=0),
+        read_s=read_s,
+        stream_s=stream_s,
+        first_response_s=first_response_s,
+        requests=sent,
+    )

@@ -1,0 +1,116 @@
+"""Build the demo model version and write it as a Triton repository.
+
+The demo version has seeded random weights: its predictions carry no clinical
+meaning, and every output made with it says so (``demo_weights`` in the served
+config). Real weights come from user-supplied checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+from histomet import spec
+from histomet.export.onnx import export_encoder
+from histomet.export.onnx import export_mil_step
+from histomet.export.repository import ExportedGraphs
+from histomet.export.repository import ServingOptions
+from histomet.export.repository import write_repository
+from histomet.models.concepts import load_concepts
+from histomet.models.encoder import EncoderConfig
+from histomet.models.encoder import build_demo_encoder
+from histomet.models.mil import SITE_LABELS
+from histomet.models.mil import MILConfig
+from histomet.models.mil import build_demo_mil
+
+_LOGGER = logging.getLogger(__name__)
+
+DEMO_VERSION = "demo-0.1.0"
+# CONCH's published preprocessing: 512 px tiles at about 0.5 µm/px (20x).
+DEMO_TILE_PX = 512
+DEMO_TARGET_MPP = 0.5
+# The demo threshold is a placeholder: random weights have no operating point.
+# A trained version carries the threshold calibrated for 95% sensitivity.
+DEMO_RISK_THRESHOLD = 0.5
+SENSITIVITY_TARGET = 0.95
+
+
+def demo_encoder_config(encoder: str) -> EncoderConfig:
+    """Return the encoder shape for ``full`` (CONCH ViT-B/16) or ``tiny`` (tests).
+
+    The tiny tower still takes 512 px tiles, so a test tiles a slide exactly as
+    production does; only the tower behind the in-graph resize is smaller.
+    """
+    if encoder == "full":
+        return EncoderConfig(input_tile_px=DEMO_TILE_PX)
+    if encoder == "tiny":
+        return dataclasses.replace(EncoderConfig.tiny(), input_tile_px=DEMO_TILE_PX)
+    raise ValueError(f"encoder must be 'full' or 'tiny', got {encoder!r}")
+
+
+def export_demo_graphs(
+    work_dir: Path, *, encoder: str = "full", seed: int = 0
+) -> tuple[ExportedGraphs, spec.ModelSpec]:
+    """Export the demo encoder and MIL heads to ONNX in ``work_dir``, with parity checks."""
+    config = demo_encoder_config(encoder)
+    concepts = load_concepts()
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    _LOGGER.info("building the %s demo encoder (seed %d)", encoder, seed)
+    patch_encoder = build_demo_encoder(config, seed=seed)
+    encoder_path = work_dir / "patch_encoder.onnx"
+    encoder_report = export_encoder(patch_encoder, encoder_path, seed=seed)
+    _LOGGER.info("encoder exported: %s", encoder_report)
+
+    mil_paths = {}
+    concept_ids: tuple[str, ...] = ()
+    for kind, n_outputs, output in (("risk", 1, "sigmoid"), ("site", len(SITE_LABELS), "softmax")):
+        mil_config = MILConfig(
+            embed_dim=config.embed_dim,
+            proj_dim=config.embed_dim,
+            n_outputs=n_outputs,
+            output=output,
+        )
+        # Distinct seeds per head, so the two heads do not share weights.
+        head_seed = seed * 3 + (1 if kind == "risk" else 2)
+        mil = build_demo_mil(kind, seed=head_seed, text_concepts=concepts, config=mil_config)
+        path = work_dir / f"{kind}_mil.onnx"
+        report = export_mil_step(mil, path, seed=head_seed)
+        _LOGGER.info("%s MIL exported: %s", kind, report)
+        mil_paths[kind] = path
+        if kind == "risk":
+            concept_ids = tuple(mil.concept_bank.concept_ids)
+
+    graphs = ExportedGraphs(
+        encoder=encoder_path, risk_mil=mil_paths["risk"], site_mil=mil_paths["site"]
+    )
+    model_spec = spec.ModelSpec(
+        tile_px=config.input_tile_px,
+        target_mpp=DEMO_TARGET_MPP,
+        site_labels=SITE_LABELS,
+        concept_ids=concept_ids,
+        risk_threshold=DEMO_RISK_THRESHOLD,
+        sensitivity_target=SENSITIVITY_TARGET,
+        version=f"{DEMO_VERSION}-{encoder}-seed{seed}",
+        demo_weights=True,
+    )
+    return graphs, model_spec
+
+
+def export_demo(
+    repository: Path,
+    *,
+    encoder: str = "full",
+    seed: int = 0,
+    work_dir: Path | None = None,
+    options: ServingOptions | None = None,
+) -> spec.ModelSpec:
+    """Export the demo version and write the ``cpu`` target repository to ``repository``."""
+    if work_dir is not None:
+        graphs, model_spec = export_demo_graphs(work_dir, encoder=encoder, seed=seed)
+        return write_repository(repository, graphs, model_spec, options)
+    with tempfile.TemporaryDirectory(prefix="histomet-export-") as temporary:
+        graphs, model_spec = export_demo_graphs(Path(temporary), encoder=encoder, seed=seed)
+        return write_repository(repository, graphs, model_spec, options)

@@ -1,0 +1,312 @@
+"""Start, wait for and stop the embedded ``tritonserver`` on 127.0.0.1.
+
+The embedded default server is the ``tritonserver`` binary that the PyPI wheel
+``nvidia-pytriton`` ships (Triton 2.51, Python backend only). The wheel does not
+lay the binary out ready to run, so :func:`prepare_backend_dir` assembles a
+backend directory with the Python backend stub that matches this interpreter, and
+:func:`server_environment` puts this interpreter's library directory and the
+wheel's bundled libraries on ``LD_LIBRARY_PATH``. The stub runs models with the
+first ``python3`` on ``PATH``, so this environment's ``bin`` goes first.
+
+Usage::
+
+    with LocalTritonServer(ServerConfig(repository=Path("model_repository"))) as server:
+        print(server.grpc_url)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+
+from histomet.errors import ServerUnavailableError
+
+_LOGGER = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings for one local ``tritonserver`` process."""
+
+    repository: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    address: str = LOOPBACK
+    startup_timeout_s: float = 180.0
+    log_verbose: int = 0
+    # Explicit model control with every model loaded at start, so that later
+    # load and unload calls (promote, rollback) work against the same server.
+    load_models: tuple[str, ...] = ("*",)
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerUnavailableError(
+            "the nvidia-pytriton package is not installed",
+            "install HistoMet with its dependencies: pip install -e .",
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tritonserver_binary() -> Path:
+    """Return the path of the ``tritonserver`` binary shipped in nvidia-pytriton."""
+    binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise ServerUnavailableError(
+            f"tritonserver binary not found at {binary}",
+            "reinstall nvidia-pytriton==0.7.0",
+        )
+    return binary
+
+
+def prepare_backend_dir(cache_dir: Path | None = None) -> Path:
+    """Assemble a Triton backend directory whose Python backend matches this interpreter.
+
+    The directory is rebuilt only when the wheel's files are newer than the copy.
+    """
+    root = _pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerUnavailableError(
+            f"no Triton Python backend stub for Python {version} in nvidia-pytriton",
+            "use Python 3.10 to 3.13",
+        )
+    if cache_dir is None:
+        cache_dir = Path(
+            os.environ.get("HISTOMET_CACHE_DIR", Path.home() / ".cache" / "histomet")
+        )
+    backend_dir = cache_dir / f"triton-backends-py{version}"
+    python_dir = backend_dir / "python"
+    sources = {
+        "libtriton_python.so": root / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": root
+        / "backends"
+        / "python"
+        / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": stub,
+    }
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        target = python_dir / name
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        # Copy through a temporary name so a concurrent start never sees half a file.
+        with tempfile.NamedTemporaryFile(dir=python_dir, delete=False) as handle:
+            temporary = Path(handle.name)
+        shutil.copy2(source, temporary)
+        temporary.chmod(0o755)
+        os.replace(temporary, target)
+    return backend_dir
+
+
+def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the environment that lets the wheel's server and stub find their libraries."""
+    env = dict(os.environ if base is None else base)
+    library_dirs = [
+        str(sysconfig.get_config_var("LIBDIR") or ""),
+        str(_pytriton_root().parent / "nvidia_pytriton.libs"),
+    ]
+    if env.get("LD_LIBRARY_PATH"):
+        library_dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in library_dirs if d)
+    # The stub starts the first python3 on PATH: it must be this environment's,
+    # which has numpy < 2 and onnxruntime.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return env
+
+
+def server_command(config: ServerConfig, backend_dir: Path) -> list[str]:
+    """Build the ``tritonserver`` command line for ``config``."""
+    command = [
+        str(tritonserver_binary()),
+        f"--model-repository={config.repository.resolve()}",
+        f"--backend-directory={backend_dir}",
+        f"--grpc-address={config.address}",
+        f"--grpc-port={config.grpc_port}",
+        f"--http-address={config.address}",
+        f"--http-port={config.http_port}",
+        f"--metrics-address={config.address}",
+        f"--metrics-port={config.metrics_port}",
+        "--allow-metrics=true",
+        "--allow-cpu-metrics=true",
+        "--model-control-mode=explicit",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--log-verbose={config.log_verbose}",
+    ]
+    command += [f"--load-model={name}" for name in config.load_models]
+    command += list(config.extra_args)
+    return command
+
+
+def check_ports_free(config: ServerConfig) -> None:
+    """Raise if any of the server's ports is already bound on its address.
+
+    Without this check a second server fails to bind while the first one answers
+    the readiness probe, and the caller talks to the wrong server.
+    """
+    for label, port in (
+        ("gRPC", config.grpc_port),
+        ("HTTP", config.http_port),
+        ("metrics", config.metrics_port),
+    ):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((config.address, port))
+            except OSError as error:
+                raise ServerUnavailableError(
+                    f"{label} port {config.address}:{port} is already in use ({error.strerror})",
+                    f"stop the process that holds it or pass another --{label.lower()}-port",
+                ) from error
+
+
+def _terminate_with_parent() -> None:
+    """Ask Linux to send SIGTERM to the server if the launching process dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def wait_until_ready(
+    http_url: str,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Poll ``/v2/health/ready`` until it answers 200 or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerUnavailableError(
+                f"tritonserver exited with code {process.returncode} during start-up",
+                "read the server log above; a model that fails to load stops the server",
+            )
+        try:
+            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2):
+                return
+        except urllib.error.HTTPError as error:
+            last_error = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            last_error = str(getattr(error, "reason", error))
+        time.sleep(0.25)
+    raise ServerUnavailableError(
+        f"tritonserver at {http_url} not ready after {timeout_s:.0f} s ({last_error})",
+        "raise --startup-timeout-s or read the server log",
+    )
+
+
+class LocalTritonServer:
+    """One ``tritonserver`` child process, started and stopped as a context manager."""
+
+    def __init__(self, config: ServerConfig, log_path: Path | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_handle = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.address}:{self.config.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.address}:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.address}:{self.config.metrics_port}/metrics"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._process
+
+    def start(self) -> None:
+        """Start the server and block until it reports ready."""
+        repository = self.config.repository
+        if not repository.is_dir():
+            raise ServerUnavailableError(
+                f"model repository not found: {repository}",
+                "build one with: histomet export demo --repository DIR",
+            )
+        check_ports_free(self.config)
+        backend_dir = prepare_backend_dir()
+        command = server_command(self.config, backend_dir)
+        _LOGGER.info("starting tritonserver for repository %s", repository)
+        _LOGGER.debug("command: %s", " ".join(command))
+        output = None
+        if self.log_path is not None:
+            self._log_handle = open(self.log_path, "ab")  # noqa: SIM115
+            output = self._log_handle
+        self._process = subprocess.Popen(
+            command,
+            env=server_environment(),
+            stdout=output,
+            stderr=subprocess.STDOUT if output is not None else None,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
+        )
+        started = time.monotonic()
+        try:
+            wait_until_ready(self.http_url, self.config.startup_timeout_s, self._process)
+        except BaseException:
+            self.stop()
+            raise
+        _LOGGER.info(
+            "tritonserver ready in %.1f s: grpc %s, http %s, metrics %s",
+            time.monotonic() - started,
+            self.grpc_url,
+            self.http_url,
+            self.metrics_url,
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """Stop the server with SIGTERM, then SIGKILL after ``timeout_s``."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _LOGGER.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+                process.kill()
+                process.wait()
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        _LOGGER.info("tritonserver stopped with code %s", process.returncode)
+        return process.returncode
+
+    def __enter__(self) -> LocalTritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,220 @@
+"""Thin adapters over cuCIM and OpenSlide with one interface for the slide reader.
+
+An adapter only reads regions that lie inside a level, addressed in that level's
+pixels. Clipping, padding, alpha compositing and the choice of MPP happen once, in
+``histomet.slide.reader``, so both readers behave the same at the slide edge.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+from typing import Literal
+from typing import Protocol
+
+import numpy as np
+
+from histomet.slide.mpp import MppCandidate
+from histomet.slide.mpp import parse_positive_float
+
+ReaderName = Literal["cucim", "openslide"]
+
+
+class BackendOpenError(Exception):
+    """A reader could not open the file. The message never contains the path."""
+
+
+class SlideBackend(Protocol):
+    """Interface of the cuCIM and OpenSlide adapters that the slide reader uses."""
+
+    name: ReaderName
+    level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level
+    vendor: str | None
+    objective_power: float | None
+    channel_count: int  # channels that read_level returns, 3 or 4
+    sample_bits: int
+
+    def mpp_candidates(self) -> list[MppCandidate]:
+        """Return MPP values from the reader's metadata, most trusted first."""
+        ...
+
+    def read_level(
+        self, level: int, x_level: int, y_level: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read a region inside ``level``, at that level's pixel coordinates.
+
+        Returns uint8 [height, width, 3 or 4], RGB or RGBA.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the file handle."""
+        ...
+
+
+def measured_downsamples(
+    level_dimensions: tuple[tuple[int, int], ...],
+) -> tuple[float, ...]:
+    """Return each level's downsample as the mean of its width and height ratios.
+
+    This is how OpenSlide computes ``level_downsamples``. Computing it here from
+    the dimensions gives both readers the same float, which cuCIM otherwise reports
+    in single precision.
+    """
+    width_0, height_0 = level_dimensions[0]
+    downsamples = []
+    for width, height in level_dimensions:
+        downsamples.append((width_0 / width + height_0 / height) / 2.0)
+    return tuple(downsamples)
+
+
+def scrub_path(message: str, path: Path) -> str:
+    """Replace every spelling of ``path`` in a reader's error message with "file".
+
+    Slide paths can contain patient identifiers, and these messages are logged.
+    """
+    for spelling in {str(path), str(path.resolve()), path.as_posix()}:
+        message = message.replace(spelling, "file")
+    return message
+
+
+class CucimBackend:
+    """cuCIM's ``CuImage`` (CPU decode here, and the GPU path where CUDA is present)."""
+
+    name: ReaderName = "cucim"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from cucim import CuImage
+        except ImportError as error:
+            raise BackendOpenError(f"cuCIM is not installed ({error})") from error
+
+        # NOTE: cuCIM and its libtiff print some warnings, with the file path, to
+        # stderr from C++. Python logging cannot filter them, so they can reach
+        # logs that capture stderr.
+        try:
+            self._image = CuImage(str(path))
+        except (ValueError, RuntimeError) as error:
+            reason = scrub_path(str(error), path)
+            raise BackendOpenError(reason) from error
+
+        resolutions = self._image.resolutions
+        self.level_dimensions = tuple(
+            (int(width), int(height))
+            for width, height in resolutions["level_dimensions"]
+        )
+        metadata: dict[str, Any] = self._image.metadata
+        self._aperio: dict[str, str] = metadata.get("aperio", {})
+        self.vendor = _cucim_vendor(metadata)
+        self.objective_power = parse_positive_float(self._aperio.get("AppMag"))
+        self.sample_bits = int(self._image.dtype.bits)
+        self.channel_count = len(self._image.channel_names)
+
+    def mpp_candidates(self) -> list[MppCandidate]:
+        """Return the Aperio ``MPP`` field when present.
+
+        cuCIM's ``spacing()`` is not used: cuCIM 26.6 reports 1 µm/px when the TIFF
+        resolution denominator is 0. The reader takes TIFF resolution tags from the
+        file header instead.
+        """
+        aperio_mpp = parse_positive_float(self._aperio.get("MPP"))
+        if aperio_mpp is None:
+            return []
+        return [MppCandidate(aperio_mpp, aperio_mpp, "Aperio MPP field")]
+
+    def read_level(
+        self, level: int, x_level: int, y_level: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read an in-bounds region with cuCIM, which takes level-0 locations.
+
+        cuCIM maps a level-0 location to ``floor(location / downsample)`` with its
+        own downsample, so the location passed is the smallest integer that maps
+        back to ``(x_level, y_level)``.
+        """
+        downsample = float(self._image.resolutions["level_downsamples"][level])
+        location = (
+            math.ceil(x_level * downsample),
+            math.ceil(y_level * downsample),
+        )
+        region = self._image.read_region(
+            location=location, size=(width, height), level=level
+        )
+        return np.asarray(region)
+
+    def close(self) -> None:
+        """Close the cuCIM image."""
+        self._image.close()
+
+
+class OpenSlideBackend:
+    """OpenSlide, used for formats cuCIM cannot read (NDPI, DICOM, MRXS and others)."""
+
+    name: ReaderName = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import openslide
+        except ImportError as error:
+            raise BackendOpenError(f"OpenSlide is not installed ({error})") from error
+
+        try:
+            self._slide = openslide.OpenSlide(path)
+        except openslide.OpenSlideError as error:
+            reason = scrub_path(str(error), path)
+            raise BackendOpenError(reason) from error
+
+        self.level_dimensions = tuple(
+            (int(width), int(height)) for width, height in self._slide.level_dimensions
+        )
+        self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self._properties = dict(self._slide.properties)
+        self.vendor = self._properties.get("openslide.vendor")
+        self.objective_power = parse_positive_float(
+            self._properties.get("openslide.objective-power")
+        )
+        # openslide-python returns every format as 8-bit RGBA with straight alpha.
+        self.sample_bits = 8
+        self.channel_count = 4
+
+    def mpp_candidates(self) -> list[MppCandidate]:
+        """Return ``openslide.mpp-x/y`` when present.
+
+        OpenSlide 4.0.1 sets them from TIFF resolution tags only for inch and
+        centimeter units. The reader parses the tags from the file header for the
+        other units.
+        """
+        mpp_x = parse_positive_float(self._properties.get("openslide.mpp-x"))
+        mpp_y = parse_positive_float(self._properties.get("openslide.mpp-y"))
+        if mpp_x is None or mpp_y is None:
+            return []
+        return [MppCandidate(mpp_x, mpp_y, "openslide.mpp-x/y")]
+
+    def read_level(
+        self, level: int, x_level: int, y_level: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read an in-bounds region with OpenSlide, which takes level-0 locations.
+
+        The location is rounded to the nearest level-0 pixel. When the downsample is
+        not an integer, OpenSlide interpolates that sub-pixel remainder (under half
+        a level pixel), so pixels can differ slightly from cuCIM's.
+        """
+        downsample = self._downsamples[level]
+        location = (round(x_level * downsample), round(y_level * downsample))
+        region = self._slide.read_region(location, level, (width, height))
+        return np.asarray(region)
+
+    def close(self) -> None:
+        """Close the OpenSlide handle."""
+        self._slide.close()
+
+
+def _cucim_vendor(metadata: dict[str, Any]) -> str | None:
+    """Return the vendor in OpenSlide's ``openslide.vendor`` spelling."""
+    if "aperio" in metadata:
+        return "aperio"
+    if "philips" in metadata:
+        return "philips"
+    if "tiff" in metadata:
+        return "generic-tiff"
+    return None

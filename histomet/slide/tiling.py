@@ -1,0 +1,218 @@
+"""Tile grid at the model's MPP, and batched tile reads from a slide."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from histomet.slide.reader import Slide
+from histomet.slide.reader import SlideInfo
+from histomet.slide.tissue import TissueMask
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class TileGrid:
+    """Tiles to read from one slide, in row-major order (y, then x).
+
+    Tile i covers level-0 pixels ``coords_l0[i]`` to ``coords_l0[i] + tile_size_l0``
+    and is read as ``read_px`` square pixels at ``level``, then resized to
+    ``tile_px``.
+    """
+
+    coords_l0: np.ndarray  # int64 [N, 2], (x, y) of each tile's top-left corner
+    tissue_fractions: np.ndarray  # float32 [N], mask pixels in the tile footprint
+    tile_size_l0: float  # tile side in level-0 pixels, also the grid stride
+    level: int
+    read_px: int  # tile side read at `level`, in that level's pixels
+    tile_px: int  # tile side delivered to the model
+    target_mpp: float
+    slide_mpp: float  # MPP of level 0
+    tile_mpp: float  # effective MPP of a delivered tile, after rounding read_px
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles in the grid."""
+        return int(self.coords_l0.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class TileBatch:
+    """Consecutive tiles of a grid, read and resized."""
+
+    offset: int  # index of the first tile in the grid
+    coords_l0: np.ndarray  # int64 [B, 2]
+    tiles: np.ndarray  # uint8 [B, tile_px, tile_px, 3], C-contiguous
+
+
+def plan_tiles(
+    info: SlideInfo,
+    mask: TissueMask,
+    *,
+    tile_px: int,
+    target_mpp: float,
+    min_tissue_fraction: float = 0.25,
+    mpp_tolerance: float = 0.01,
+) -> TileGrid:
+    """Lay a grid of non-overlapping tiles at ``target_mpp`` and keep tissue tiles.
+
+    A tile spans ``tile_px * target_mpp / info.mpp`` level-0 pixels. It is read from
+    the coarsest level whose MPP is at most ``target_mpp * (1 + mpp_tolerance)``
+    (level 0 when every level is coarser, which upsamples), as
+    ``round(tile_size_l0 / downsample)`` pixels of that level.
+
+    The grid starts at (0, 0) and steps by the tile size until it covers level 0.
+    A tile is kept when tissue covers at least ``min_tissue_fraction`` of its whole
+    footprint, where the part outside the slide counts as background.
+
+    Edge policy: tiles that run past the right or bottom edge are kept when they
+    pass that test, and their part outside the slide reads as white (255), the
+    same under both readers.
+
+    An empty grid is returned, not raised, when no tile qualifies.
+    """
+    if tile_px < 1:
+        raise ValueError(f"invalid tile_px {tile_px}: expected >= 1")
+    if not target_mpp > 0:
+        raise ValueError(f"invalid target_mpp {target_mpp}: expected > 0")
+    if info.mpp is None:
+        raise ValueError("cannot plan tiles: the slide's MPP is unknown")
+
+    tile_size_l0 = tile_px * target_mpp / info.mpp
+    level = choose_read_level(info, target_mpp, mpp_tolerance)
+    downsample = info.level_downsamples[level]
+    read_px = max(1, round(tile_size_l0 / downsample))
+    tile_mpp = read_px * downsample * info.mpp / tile_px
+    if info.level_mpp(level) > target_mpp * (1.0 + mpp_tolerance):
+        _LOGGER.warning(
+            "target MPP %.4g is finer than the slide's %.4g, so tiles are upsampled",
+            target_mpp,
+            info.mpp,
+        )
+
+    width_l0, height_l0 = info.dimensions
+    columns = math.ceil(width_l0 / tile_size_l0)
+    rows = math.ceil(height_l0 / tile_size_l0)
+    xs = np.floor(np.arange(columns) * tile_size_l0).astype(np.int64)
+    ys = np.floor(np.arange(rows) * tile_size_l0).astype(np.int64)
+    grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+    all_coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
+
+    fractions = tile_tissue_fractions(mask, all_coords, tile_size_l0)
+    keep = fractions >= min_tissue_fraction
+    coords = np.ascontiguousarray(all_coords[keep])
+
+    _LOGGER.info(
+        "tile grid: %d of %d tiles kept (tile %d px at %.4g µm/px, read %d px at "
+        "level %d)",
+        coords.shape[0],
+        all_coords.shape[0],
+        tile_px,
+        tile_mpp,
+        read_px,
+        level,
+    )
+    return TileGrid(
+        coords_l0=coords,
+        tissue_fractions=fractions[keep].astype(np.float32),
+        tile_size_l0=tile_size_l0,
+        level=level,
+        read_px=read_px,
+        tile_px=tile_px,
+        target_mpp=target_mpp,
+        slide_mpp=info.mpp,
+        tile_mpp=tile_mpp,
+    )
+
+
+def choose_read_level(info: SlideInfo, target_mpp: float, mpp_tolerance: float) -> int:
+    """Return the coarsest level whose MPP is at most target * (1 + tolerance).
+
+    Returns level 0 when every level is coarser than that.
+    """
+    limit = target_mpp * (1.0 + mpp_tolerance)
+    chosen = 0
+    for level in range(info.level_count):
+        if info.level_mpp(level) <= limit:
+            chosen = level
+    return chosen
+
+
+def tile_tissue_fractions(
+    mask: TissueMask, coords_l0: np.ndarray, tile_size_l0: float
+) -> np.ndarray:
+    """Return the fraction of each tile's footprint that the mask marks as tissue.
+
+    The footprint is mapped to mask pixels with rounded edges. Mask pixels outside
+    the mask array (past the slide edge) count as background.
+    """
+    if coords_l0.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+
+    height, width = mask.mask.shape
+    integral = np.zeros((height + 1, width + 1), dtype=np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask.mask, axis=0, dtype=np.int64), axis=1)
+
+    left = np.rint(coords_l0[:, 0] / mask.downsample).astype(np.int64)
+    top = np.rint(coords_l0[:, 1] / mask.downsample).astype(np.int64)
+    right = np.rint((coords_l0[:, 0] + tile_size_l0) / mask.downsample).astype(np.int64)
+    bottom = np.rint((coords_l0[:, 1] + tile_size_l0) / mask.downsample).astype(
+        np.int64
+    )
+    right = np.maximum(right, left + 1)
+    bottom = np.maximum(bottom, top + 1)
+    footprint_px = (right - left) * (bottom - top)
+
+    left_c = np.clip(left, 0, width)
+    right_c = np.clip(right, 0, width)
+    top_c = np.clip(top, 0, height)
+    bottom_c = np.clip(bottom, 0, height)
+    tissue_px = (
+        integral[bottom_c, right_c]
+        - integral[top_c, right_c]
+        - integral[bottom_c, left_c]
+        + integral[top_c, left_c]
+    )
+    return tissue_px / footprint_px
+
+
+def iter_tile_batches(
+    slide: Slide, grid: TileGrid, batch_size: int
+) -> Iterator[TileBatch]:
+    """Read the grid's tiles in order and yield them in batches of ``batch_size``.
+
+    Each tile is read at ``grid.level`` as ``grid.read_px`` square pixels and, when
+    that differs from ``grid.tile_px``, resized with PIL's bicubic filter. CLIP's
+    reference preprocessing, which CLIP-style pathology encoders reuse, resizes with
+    bicubic interpolation (torchvision ``Resize`` with ``InterpolationMode.BICUBIC``
+    on PIL images), so tiles match what such encoders were trained on. No
+    ``reducing_gap`` is set because it changes pixels compared with plain bicubic,
+    and reading from the nearest finer level keeps the scale factor small (under 2
+    for a pyramid with power-of-two levels). The last batch may be smaller.
+    """
+    if batch_size < 1:
+        raise ValueError(f"invalid batch_size {batch_size}: expected >= 1")
+
+    read_size = (grid.read_px, grid.read_px)
+    for offset in range(0, grid.n_tiles, batch_size):
+        coords = grid.coords_l0[offset : offset + batch_size]
+        tiles = np.empty((coords.shape[0], grid.tile_px, grid.tile_px, 3), np.uint8)
+        for index, (x_l0, y_l0) in enumerate(coords):
+            region = slide.read_region((int(x_l0), int(y_l0)), grid.level, read_size)
+            tiles[index] = resize_tile(region, grid.tile_px)
+        yield TileBatch(offset=offset, coords_l0=coords.copy(), tiles=tiles)
+
+
+def resize_tile(region: np.ndarray, tile_px: int) -> np.ndarray:
+    """Resize a square uint8 RGB region to ``tile_px`` with bicubic interpolation."""
+    if region.shape[0] == tile_px and region.shape[1] == tile_px:
+        return region
+
+    image = Image.fromarray(region)
+    return np.asarray(image.resize((tile_px, tile_px), Image.Resampling.BICUBIC))

@@ -1,0 +1,198 @@
+"""Tissue mask from a slide thumbnail: saturation threshold plus morphology."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+_LOGGER = logging.getLogger(__name__)
+
+# Fewer candidate pixels than this cannot give a meaningful Otsu threshold.
+_MIN_CANDIDATE_PX = 16
+
+
+@dataclass(frozen=True, eq=False)
+class TissueMask:
+    """Boolean tissue mask over the whole slide, at thumbnail scale."""
+
+    mask: np.ndarray  # bool [height, width], True where there is tissue
+    downsample: float  # level-0 pixels per mask pixel
+    method: str  # the steps and thresholds used, for reports
+    tissue_fraction: float  # fraction of mask pixels that are tissue
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no pixel is tissue."""
+        return not bool(self.mask.any())
+
+
+def detect_tissue(
+    thumbnail_rgb: np.ndarray,
+    *,
+    downsample: float,
+    mpp: float | None = None,
+    analysis_mpp: float = 4.0,
+    white_level: int = 220,
+    dark_value: float = 0.15,
+    min_saturation: float = 0.07,
+    max_saturation_threshold: float = 0.15,
+    closing_radius_px: int = 2,
+    opening_radius_px: int = 1,
+    min_component_um2: float = 50_000.0,
+    min_component_fraction: float = 0.0005,
+) -> TissueMask:
+    """Detect tissue in a uint8 RGB thumbnail taken at ``downsample`` from level 0.
+
+    Steps:
+
+    1. When ``mpp`` is given and the thumbnail is finer than ``analysis_mpp``
+       (µm per mask pixel), it is box-downscaled to that scale first, so the
+       morphology radii below mean the same physical size on every slide.
+    2. Background candidates are removed: near-white pixels (all channels above
+       ``white_level``) and dark pixels (HSV value below ``dark_value``, which
+       catches black slide borders, dark fluorescence backgrounds and dark pen).
+    3. The HSV saturation threshold is Otsu's threshold over the remaining pixels,
+       clipped to [``min_saturation``, ``max_saturation_threshold``]. The floor
+       keeps the noise of blank glass out, and the ceiling keeps Otsu from
+       splitting tissue in two when tissue covers the whole slide.
+    4. Binary closing, then opening (disk radii in mask pixels), hole filling, and
+       removal of connected components smaller than ``min_component_um2`` (or
+       ``min_component_fraction`` of the mask when the MPP is unknown).
+
+    A blank or all-white slide gives an empty mask. Coloured pen marks are
+    saturated and are kept as tissue.
+    """
+    if thumbnail_rgb.ndim != 3 or thumbnail_rgb.shape[2] != 3:
+        raise ValueError(f"expected RGB [h, w, 3], got shape {thumbnail_rgb.shape}")
+    if thumbnail_rgb.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {thumbnail_rgb.dtype}")
+
+    rgb, downsample = _to_analysis_scale(thumbnail_rgb, downsample, mpp, analysis_mpp)
+
+    near_white = np.all(rgb > white_level, axis=2)
+    channel_max = rgb.max(axis=2).astype(np.float32)
+    channel_min = rgb.min(axis=2).astype(np.float32)
+    value = channel_max / 255.0
+    saturation = np.divide(
+        channel_max - channel_min,
+        channel_max,
+        out=np.zeros_like(channel_max),
+        where=channel_max > 0,
+    )
+    dark = value < dark_value
+    candidates = ~near_white & ~dark
+
+    candidate_count = int(candidates.sum())
+    if candidate_count < _MIN_CANDIDATE_PX:
+        threshold = math.inf
+        raw = np.zeros(rgb.shape[:2], dtype=bool)
+    else:
+        otsu = otsu_threshold(saturation[candidates])
+        threshold = min(max(otsu, min_saturation), max_saturation_threshold)
+        raw = candidates & (saturation >= threshold)
+
+    mask = _close_and_open(raw, closing_radius_px, opening_radius_px)
+    mask = ndimage.binary_fill_holes(mask)
+
+    if mpp is not None:
+        mask_px_um2 = (mpp * downsample) ** 2
+        min_area_px = max(1, math.ceil(min_component_um2 / mask_px_um2))
+        area_rule = f"{min_component_um2:g} µm²"
+    else:
+        min_area_px = max(1, math.ceil(min_component_fraction * mask.size))
+        area_rule = f"{min_component_fraction:g} of the mask"
+    mask = remove_small_components(mask, min_area_px)
+
+    method = (
+        f"HSV saturation >= {threshold:.3f} (Otsu over {candidate_count} pixels that "
+        f"are neither white above {white_level} nor darker than value {dark_value}, "
+        f"clipped to {min_saturation}..{max_saturation_threshold}), closing radius "
+        f"{closing_radius_px} px, opening radius {opening_radius_px} px, holes "
+        f"filled, components under {min_area_px} px ({area_rule}) removed, at "
+        f"downsample {downsample:.4g}"
+    )
+    tissue_fraction = float(mask.mean()) if mask.size else 0.0
+    _LOGGER.debug("tissue mask: fraction %.4f, %s", tissue_fraction, method)
+    return TissueMask(
+        mask=mask, downsample=downsample, method=method, tissue_fraction=tissue_fraction
+    )
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Return Otsu's threshold for values in [0, 1], from a ``bins``-bin histogram."""
+    histogram, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    histogram = histogram.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2.0
+
+    weight_low = np.cumsum(histogram)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(histogram * centers)
+    mean_low = np.divide(
+        sum_low, weight_low, out=np.zeros_like(sum_low), where=weight_low > 0
+    )
+    mean_high = np.divide(
+        sum_low[-1] - sum_low,
+        weight_high,
+        out=np.zeros_like(sum_low),
+        where=weight_high > 0,
+    )
+    between_variance = weight_low * weight_high * (mean_low - mean_high) ** 2
+
+    # The threshold is the upper edge of the last bin of the low class.
+    best_bin = int(np.argmax(between_variance[:-1]))
+    return float(edges[best_bin + 1])
+
+
+def remove_small_components(mask: np.ndarray, min_area_px: int) -> np.ndarray:
+    """Return ``mask`` without 8-connected components smaller than ``min_area_px``."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return mask.copy()
+
+    areas = np.bincount(labels.ravel())
+    keep = areas >= min_area_px
+    keep[0] = False
+    return keep[labels]
+
+
+def _to_analysis_scale(
+    rgb: np.ndarray, downsample: float, mpp: float | None, analysis_mpp: float
+) -> tuple[np.ndarray, float]:
+    """Box-downscale ``rgb`` to ``analysis_mpp`` when it is finer, never upscale."""
+    if mpp is None:
+        return rgb, downsample
+
+    scale = (mpp * downsample) / analysis_mpp
+    if scale >= 1.0:
+        return rgb, downsample
+
+    height, width = rgb.shape[:2]
+    new_width = max(1, round(width * scale))
+    new_height = max(1, round(height * scale))
+    resized = Image.fromarray(rgb).resize((new_width, new_height), Image.Resampling.BOX)
+    return np.asarray(resized), downsample * width / new_width
+
+
+def _close_and_open(
+    mask: np.ndarray, closing_radius: int, opening_radius: int
+) -> np.ndarray:
+    """Apply binary closing then opening with disk elements, without edge effects."""
+    pad = max(closing_radius, opening_radius, 0)
+    padded = np.pad(mask, pad, mode="constant", constant_values=False)
+    if closing_radius > 0:
+        padded = ndimage.binary_closing(padded, structure=_disk(closing_radius))
+    if opening_radius > 0:
+        padded = ndimage.binary_opening(padded, structure=_disk(opening_radius))
+    if pad == 0:
+        return padded
+    return padded[pad:-pad, pad:-pad]
+
+
+def _disk(radius: int) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2

@@ -1,0 +1,1 @@
+"""Helpers for the slide tests: small synthetic TIFF slides written with tifffile."""

@@ -1,0 +1,173 @@
+"""Bad input gives one clear line and a distinct exit code, and sends nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .conftest import CMU_SMALL
+from .conftest import free_port
+
+CLIENT = Path(sys.executable).parent / "histomet-client"
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CLIENT), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def ensemble_requests(server) -> float:
+    """Return Triton's count of successful plus failed requests to the ensemble."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(("nv_inference_request_success{", "nv_inference_request_failure{")):
+            if 'model="histomet"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def assert_one_line_error(completed: subprocess.CompletedProcess, exit_code: int) -> str:
+    assert completed.returncode == exit_code, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("histomet-client: error: ")
+    assert "Traceback" not in completed.stderr
+    return lines[0]
+
+
+def test_missing_path_exit_3_without_path(triton_server, tmp_path):
+    missing = tmp_path / "patient-0042.svs"
+
+    line = assert_one_line_error(
+        run_client("predict", str(missing), "--url", triton_server.grpc_url), 3
+    )
+
+    assert "slide not found" in line
+    assert "patient-0042" not in line
+    assert "--show-paths" in line
+
+
+def test_missing_path_named_with_show_paths(triton_server, tmp_path):
+    missing = tmp_path / "visible.svs"
+
+    line = assert_one_line_error(
+        run_client("predict", str(missing), "--url", triton_server.grpc_url, "--show-paths"),
+        3,
+    )
+
+    assert str(missing) in line
+
+
+def test_text_file_is_not_a_slide(triton_server, tmp_path):
+    fake = tmp_path / "patient-0042.svs"
+    fake.write_text("this is not a slide\n")
+    before = ensemble_requests(triton_server)
+
+    line = assert_one_line_error(
+        run_client("predict", str(fake), "--url", triton_server.grpc_url), 3
+    )
+
+    assert "failed to open the slide" in line
+    assert ensemble_requests(triton_server) == before
+
+
+def test_native_reader_output_is_redacted(tmp_path):
+    """libtiff prints the path to descriptor 2; the client replaces it."""
+    fake = tmp_path / "patient-0042.svs"
+    fake.write_text("this is not a slide\n")
+
+    completed = run_client("--debug", "predict", str(fake))
+
+    assert completed.returncode == 3
+    assert "slide reader output: <slide>" in completed.stderr
+    assert "patient-0042" not in completed.stderr
+    assert "patient-0042" not in completed.stdout
+
+
+def test_server_not_running_exit_4(tmp_path):
+    port = free_port()
+
+    line = assert_one_line_error(
+        run_client("predict", str(CMU_SMALL), "--url", f"127.0.0.1:{port}"), 4
+    )
+
+    assert f"cannot reach Triton at 127.0.0.1:{port}" in line
+    assert "histomet serve" in line
+
+
+def test_debug_shows_stack_trace(tmp_path):
+    port = free_port()
+
+    completed = run_client(
+        "--debug", "predict", str(CMU_SMALL), "--url", f"127.0.0.1:{port}"
+    )
+
+    assert completed.returncode == 4
+    assert "Traceback" in completed.stderr
+
+
+def test_unknown_model_exit_4(triton_server):
+    line = assert_one_line_error(
+        run_client(
+            "predict", str(CMU_SMALL), "--url", triton_server.grpc_url, "--model", "nope"
+        ),
+        4,
+    )
+
+    assert "'nope'" in line
+
+
+def test_missing_mpp_sends_nothing(triton_server, shared_slides):
+    slide = shared_slides / "tcga-cr-7395-01a-01-ts1.svs"
+    before = ensemble_requests(triton_server)
+
+    line = assert_one_line_error(
+        run_client("predict", str(slide), "--url", triton_server.grpc_url), 3
+    )
+
+    assert "--mpp" in line
+    assert ensemble_requests(triton_server) == before
+
+
+def test_invalid_mpp_argument_exit_2():
+    completed = run_client("predict", str(CMU_SMALL), "--mpp", "-1")
+
+    assert completed.returncode == 2
+    assert "must be greater than 0" in completed.stderr
+
+
+def test_blank_slide_reports_no_tissue(triton_server, tmp_path):
+    rng = np.random.default_rng(0)
+    white = (245 + rng.integers(-3, 4, size=(2048, 2048, 3))).astype(np.uint8)
+    path = tmp_path / "blank.tif"
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(
+            white,
+            tile=(256, 256),
+            photometric="rgb",
+            resolution=(1e4 / 0.5, 1e4 / 0.5),
+            resolutionunit="CENTIMETER",
+            compression="zlib",
+        )
+    output = tmp_path / "blank.json"
+    before = ensemble_requests(triton_server)
+
+    completed = run_client(
+        "predict", str(path), "--url", triton_server.grpc_url, "--json", str(output)
+    )
+
+    result = json.loads(output.read_text())
+    assert completed.returncode == 5, completed.stderr
+    assert "no tissue found" in completed.stdout
+    assert result["status"] == "no_tissue"
+    assert result["risk"] is None
+    assert result["slide"]["tiles"] == 0
+    assert ensemble_requests(triton_server) == before

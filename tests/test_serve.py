@@ -1,0 +1,192 @@
+"""The local server launcher and the stateful MIL models on the real tritonserver."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from histomet import spec
+from histomet.errors import ServerUnavailableError
+from histomet.serve.launcher import LocalTritonServer
+from histomet.serve.launcher import ServerConfig
+
+from .conftest import free_port
+
+
+def metric_value(metrics_url: str, name: str, labels: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} with {labels} not found")
+
+
+def stream_requests(server, requests: list[dict]) -> list[tuple]:
+    """Send raw ensemble requests on one stream; return (result, error) per request."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    rng = np.random.default_rng(0)
+    try:
+        for request in requests:
+            tiles = rng.integers(0, 255, (request["n"], 512, 512, 3), dtype=np.uint8)
+            tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
+            tiles_input.set_data_from_numpy(tiles)
+            offset = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
+            offset.set_data_from_numpy(np.array([request["offset"]], dtype=np.int64))
+            client.async_stream_infer(
+                spec.ENSEMBLE_MODEL,
+                [tiles_input, offset],
+                sequence_id=request["sequence_id"],
+                sequence_start=request.get("start", False),
+                sequence_end=request.get("end", False),
+            )
+            # One at a time, so the order of responses is the order of requests.
+            request["response"] = responses.get(timeout=60)
+    finally:
+        client.stop_stream()
+        client.close()
+    return [request["response"] for request in requests]
+
+
+def test_server_reports_ready_and_serves_metrics(triton_server):
+    ready = urllib.request.urlopen(f"http://{triton_server.http_url}/v2/health/ready", timeout=5)
+    metrics = urllib.request.urlopen(triton_server.metrics_url, timeout=5).read().decode()
+    assert ready.status == 200
+    assert "nv_inference_request_success" in metrics
+
+
+def test_port_in_use_is_reported(tiny_repository):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        config = ServerConfig(
+            repository=tiny_repository,
+            grpc_port=taken,
+            http_port=free_port(),
+            metrics_port=free_port(),
+        )
+        with pytest.raises(ServerUnavailableError, match=f"gRPC port 127.0.0.1:{taken}"):
+            LocalTritonServer(config).start()
+
+
+def test_missing_repository_is_reported(tmp_path):
+    config = ServerConfig(repository=tmp_path / "absent")
+    with pytest.raises(ServerUnavailableError, match="histomet export demo"):
+        LocalTritonServer(config).start()
+
+
+def test_serve_cli_stops_cleanly_on_sigterm(tiny_repository):
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    command = [
+        str(__import__("pathlib").Path(sys.executable).parent / "histomet"),
+        "serve",
+        "--repository",
+        str(tiny_repository),
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--metrics-port",
+        str(metrics_port),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"grpc 127.0.0.1:{grpc_port}" in line
+        assert urllib.request.urlopen(
+            f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5
+        ).status == 200
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(("127.0.0.1", http_port)) != 0:
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"port {http_port} still answers after the server stopped")
+
+
+def test_out_of_order_offset_fails_the_sequence(triton_server):
+    responses = stream_requests(
+        triton_server,
+        [
+            {"sequence_id": 901, "start": True, "offset": 0, "n": 2},
+            {"sequence_id": 901, "offset": 5, "n": 2},
+            {"sequence_id": 901, "offset": 2, "n": 2, "end": True},
+        ],
+    )
+    assert responses[0][1] is None
+    assert "TILE_OFFSET 5 arrived after 2 pooled tiles" in str(responses[1][1])
+    # Once broken, the sequence never yields a prediction, even with the right offset.
+    assert responses[2][1] is not None
+
+
+def test_request_without_start_is_rejected(triton_server):
+    responses = stream_requests(
+        triton_server, [{"sequence_id": 902, "offset": 0, "n": 1, "end": True}]
+    )
+    assert responses[0][1] is not None
+    assert "START" in str(responses[0][1]) or "no pooling state" in str(responses[0][1])
+
+
+def active_sequences(server) -> dict[str, float]:
+    return {
+        model: metric_value(
+            server.metrics_url, "histomet_mil_active_sequences", f'model="{model}"'
+        )
+        for model in (spec.RISK_MODEL, spec.SITE_MODEL)
+    }
+
+
+def test_sequence_state_held_until_end(triton_server):
+    baseline = active_sequences(triton_server)
+    stream_requests(triton_server, [{"sequence_id": 903, "start": True, "offset": 0, "n": 2}])
+    during = active_sequences(triton_server)
+    stream_requests(triton_server, [{"sequence_id": 903, "offset": 2, "n": 1, "end": True}])
+    after = active_sequences(triton_server)
+    for model in (spec.RISK_MODEL, spec.SITE_MODEL):
+        assert during[model] == baseline[model] + 1, model
+        assert after[model] == baseline[model], model
+
+
+def test_abandoned_sequence_freed_after_idle_timeout(tiny_export, tmp_path):
+    from histomet.export.repository import ServingOptions
+    from histomet.export.repository import write_repository
+
+    graphs, model_spec = tiny_export
+    repository = tmp_path / "repo"
+    write_repository(repository, graphs, model_spec, ServingOptions(sequence_idle_timeout_s=2))
+    config = ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+    with LocalTritonServer(config) as server:
+        stream_requests(server, [{"sequence_id": 904, "start": True, "offset": 0, "n": 1}])
+        held = active_sequences(server)
+        time.sleep(5)
+        freed = active_sequences(server)
+        expired = metric_value(
+            server.metrics_url, "histomet_mil_sequences_expired_total", 'model="risk_mil"'
+        )
+    assert held[spec.RISK_MODEL] == 1
+    assert held[spec.SITE_MODEL] == 1
+    assert freed[spec.RISK_MODEL] == 0
+    assert freed[spec.SITE_MODEL] == 0
+    assert expired == 1
