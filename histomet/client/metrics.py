@@ -44,6 +44,6 @@ SLIDES = Counter(
 )
 ERRORS = Counter(
     "histomet_client_errors_total",
-    "Errors by kind (input, server, inference, internal)",
+    "Errors by kind (input, server, inference, no_tissue, internal)",
     ["kind"],
 )

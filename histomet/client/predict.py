@@ -22,6 +22,7 @@ from histomet.client.served_model import describe
 from histomet.client.stream import StreamResult
 from histomet.client.stream import stream_slide
 from histomet.errors import HistometError
+from histomet.errors import InferenceError
 from histomet.errors import InputError
 from histomet.errors import SlideNotFoundError
 from histomet.slide import detect_tissue
@@ -257,9 +258,15 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
         )
         outcome = "ok"
         return result
+    except InferenceError:
+        metrics.ERRORS.labels(kind="inference").inc()
+        raise
     except HistometError as error:
         kind = "input" if isinstance(error, InputError) else "server"
         metrics.ERRORS.labels(kind=kind).inc()
+        raise
+    except Exception:
+        metrics.ERRORS.labels(kind="internal").inc()
         raise
     finally:
         elapsed = time.perf_counter() - started

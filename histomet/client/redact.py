@@ -34,7 +34,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 @contextmanager
 def redacted_native_stderr(secrets: Iterable[str]) -> Iterator[list[str]]:
-    """Filter descriptor 2 while the block runs; yield the list of redacted lines."""
+    """Filter descriptor 2 while the block runs, and yield the list of redacted lines."""
     secrets = tuple(secrets)
     lines: list[str] = []
     original = sys.stderr

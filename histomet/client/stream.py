@@ -174,7 +174,6 @@ def stream_slide(
                 ) from None
             return
         if error is not None:
-            metrics.ERRORS.labels(kind="inference").inc()
             raise InferenceError(
                 f"model {model!r} failed a request of sequence {sequence_id}: "
                 f"{_message(error)}",

@@ -61,8 +61,7 @@ def export_demo_graphs(
     _LOGGER.info("building the %s demo encoder (seed %d)", encoder, seed)
     patch_encoder = build_demo_encoder(config, seed=seed)
     encoder_path = work_dir / "patch_encoder.onnx"
-    encoder_report = export_encoder(patch_encoder, encoder_path, seed=seed)
-    _LOGGER.info("encoder exported: %s", encoder_report)
+    export_encoder(patch_encoder, encoder_path, seed=seed)
 
     mil_paths = {}
     concept_ids: tuple[str, ...] = ()
@@ -77,8 +76,7 @@ def export_demo_graphs(
         head_seed = seed * 3 + (1 if kind == "risk" else 2)
         mil = build_demo_mil(kind, seed=head_seed, text_concepts=concepts, config=mil_config)
         path = work_dir / f"{kind}_mil.onnx"
-        report = export_mil_step(mil, path, seed=head_seed)
-        _LOGGER.info("%s MIL exported: %s", kind, report)
+        export_mil_step(mil, path, seed=head_seed)
         mil_paths[kind] = path
         if kind == "risk":
             concept_ids = tuple(mil.concept_bank.concept_ids)

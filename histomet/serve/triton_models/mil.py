@@ -220,6 +220,9 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - returned to the client
                 if end:
                     self.states.pop(corrid, None)
+                pb_utils.Logger.log_error(
+                    f"{self.model_name}: request of sequence {corrid} failed: {error}"
+                )
                 responses.append(
                     pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(f"{self.model_name}: {error}")

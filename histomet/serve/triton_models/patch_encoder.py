@@ -59,6 +59,7 @@ class TritonPythonModel:
             )
         except Exception as error:  # noqa: BLE001 - reported to every request
             message = f"patch encoder failed on a batch of {batch.shape[0]} tiles: {error}"
+            pb_utils.Logger.log_error(message)
             return [
                 pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
                 for _ in requests
