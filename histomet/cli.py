@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histomet", description="Build HistoMet model repositories and serve them."
     )
-    parser.add_argument("--debug", action="store_true", help="show stack traces and debug logs")
+    parser.add_argument(
+        "--debug", action="store_true", help="show stack traces and debug logs"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="export models to a Triton repository")
@@ -62,11 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = commands.add_parser("serve", help="run tritonserver on 127.0.0.1")
-    serve.add_argument("--repository", type=Path, required=True, help="model repository")
-    serve.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port (default: 8001)")
-    serve.add_argument("--http-port", type=_port, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument(
-        "--metrics-port", type=_port, default=8002, help="Prometheus metrics port (default: 8002)"
+        "--repository", type=Path, required=True, help="model repository"
+    )
+    serve.add_argument(
+        "--grpc-port", type=_port, default=8001, help="gRPC port (default: 8001)"
+    )
+    serve.add_argument(
+        "--http-port", type=_port, default=8000, help="HTTP port (default: 8000)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=8002,
+        help="Prometheus metrics port (default: 8002)",
     )
     serve.add_argument(
         "--startup-timeout-s",
@@ -74,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=180.0,
         help="seconds to wait for the server to become ready (default: 180)",
     )
-    serve.add_argument("--log-file", type=Path, help="append the server's log to this file")
+    serve.add_argument(
+        "--log-file", type=Path, help="append the server's log to this file"
+    )
     return parser
 
 

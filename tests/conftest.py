@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from histomet.serve.launcher import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small public slides beside the repository checkout, described in their MANIFEST.md.
@@ -20,13 +21,6 @@ def shared_slides() -> Path:
     if not SHARED_SLIDES.is_dir():
         pytest.fail(f"shared test slides not found at {SHARED_SLIDES}")
     return SHARED_SLIDES
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +44,9 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_export) -> Pa
 
 
 @pytest.fixture(scope="session")
-def triton_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def triton_server(
+    tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator:
     """A real tritonserver serving the tiny repository on free loopback ports."""
     from histomet.serve.launcher import LocalTritonServer
     from histomet.serve.launcher import ServerConfig

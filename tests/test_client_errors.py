@@ -28,13 +28,17 @@ def ensemble_requests(server) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(("nv_inference_request_success{", "nv_inference_request_failure{")):
+        if line.startswith(
+            ("nv_inference_request_success{", "nv_inference_request_failure{")
+        ):
             if 'model="histomet"' in line:
                 total += float(line.rsplit(" ", 1)[1])
     return total
 
 
-def assert_one_line_error(completed: subprocess.CompletedProcess, exit_code: int) -> str:
+def assert_one_line_error(
+    completed: subprocess.CompletedProcess, exit_code: int
+) -> str:
     assert completed.returncode == exit_code, completed.stderr
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1, completed.stderr
@@ -59,7 +63,9 @@ def test_missing_path_named_with_show_paths(triton_server, tmp_path):
     missing = tmp_path / "visible.svs"
 
     line = assert_one_line_error(
-        run_client("predict", str(missing), "--url", triton_server.grpc_url, "--show-paths"),
+        run_client(
+            "predict", str(missing), "--url", triton_server.grpc_url, "--show-paths"
+        ),
         3,
     )
 
@@ -117,7 +123,12 @@ def test_debug_shows_stack_trace(tmp_path):
 def test_unknown_model_exit_4(triton_server):
     line = assert_one_line_error(
         run_client(
-            "predict", str(CMU_SMALL), "--url", triton_server.grpc_url, "--model", "nope"
+            "predict",
+            str(CMU_SMALL),
+            "--url",
+            triton_server.grpc_url,
+            "--model",
+            "nope",
         ),
         4,
     )

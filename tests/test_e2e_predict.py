@@ -33,10 +33,17 @@ def run_client(*args: str, timeout_s: float = 300) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def cli_result(triton_server, tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+def cli_result(
+    triton_server, tmp_path_factory
+) -> tuple[subprocess.CompletedProcess, dict]:
     output = tmp_path_factory.mktemp("predict") / "result.json"
     completed = run_client(
-        "predict", str(CMU_SMALL), "--url", triton_server.grpc_url, "--json", str(output)
+        "predict",
+        str(CMU_SMALL),
+        "--url",
+        triton_server.grpc_url,
+        "--json",
+        str(output),
     )
     assert completed.returncode == 0, completed.stderr
     return completed, json.loads(output.read_text())
@@ -127,7 +134,14 @@ def test_cli_json_site_follows_risk_decision(cli_result):
 def test_cli_json_timing_split(cli_result):
     _, result = cli_result
     timing = result["timing_s"]
-    for key in ("open_s", "connect_s", "tissue_s", "tiling_read_s", "stream_s", "total_s"):
+    for key in (
+        "open_s",
+        "connect_s",
+        "tissue_s",
+        "tiling_read_s",
+        "stream_s",
+        "total_s",
+    ):
         assert timing[key] >= 0.0, key
     assert timing["total_s"] >= timing["stream_s"]
 
@@ -145,7 +159,9 @@ def test_served_prediction_matches_in_process_onnx(triton_server, tiny_export):
     assert result["risk"]["high_risk"] == (risk >= model_spec.risk_threshold)
     if result["site"]["evaluated"]:
         served_sites = np.array(list(result["site"]["probabilities"].values()))
-        np.testing.assert_allclose(served_sites, expected["site_probabilities"], atol=1e-5)
+        np.testing.assert_allclose(
+            served_sites, expected["site_probabilities"], atol=1e-5
+        )
 
 
 def test_batch_split_does_not_change_prediction(triton_server):

@@ -240,9 +240,7 @@ def test_mil_onnx_concept_scores_match_torch_function(
 
 @pytest.mark.parametrize("example_n", [1, 249])
 @pytest.mark.parametrize("kind", ["risk", "site"])
-def test_mil_export_any_example_n(
-    tmp_path: Path, example_n: int, kind: str
-) -> None:
+def test_mil_export_any_example_n(tmp_path: Path, example_n: int, kind: str) -> None:
     mil = sharpen(build_demo_mil(kind, seed=1))
     path = tmp_path / "mil.onnx"
 

@@ -37,9 +37,7 @@ def test_concept_prompts_fill_templates() -> None:
 
 def test_load_concepts_rejects_duplicate_ids(tmp_path: Path) -> None:
     path = tmp_path / "concepts.yaml"
-    path.write_text(
-        "concepts:\n  - {id: a, phrase: one}\n  - {id: a, phrase: two}\n"
-    )
+    path.write_text("concepts:\n  - {id: a, phrase: one}\n  - {id: a, phrase: two}\n")
 
     with pytest.raises(InputError, match="duplicate concept id"):
         load_concepts(path)

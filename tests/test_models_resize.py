@@ -21,6 +21,7 @@ SIZE_PAIRS = [(512, 448), (96, 64), (512, 64), (64, 96), (100, 37), (37, 8)]
 # result at 512 -> 448 (torch 2.13, CPU).
 TORCH_TOLERANCE = 1e-6
 
+
 @pytest.mark.parametrize(("in_px", "out_px"), SIZE_PAIRS)
 def test_resize_matrix_rows_sum_to_one(in_px: int, out_px: int) -> None:
     matrix = antialiased_bicubic_matrix(in_px, out_px)
@@ -52,9 +53,7 @@ def test_resize_matches_torch_antialiased_bicubic(
 
 
 @pytest.mark.parametrize(("in_px", "out_px"), [(512, 448), (96, 64), (64, 96)])
-def test_resize_matches_pil_bicubic(
-    in_px: int, out_px: int
-) -> None:
+def test_resize_matches_pil_bicubic(in_px: int, out_px: int) -> None:
     # Pixels in 64..191: PIL rounds and clips its intermediate row pass to uint8,
     # and on full-range noise that clipping alone moves pixels by up to 24 levels.
     rng = np.random.default_rng(in_px + out_px)

@@ -49,13 +49,20 @@ def test_encoder_config_batches_dynamically(tiny_repository):
 def test_mil_configs_use_sequence_batching(tiny_repository):
     for name in (spec.RISK_MODEL, spec.SITE_MODEL):
         config = load_config(tiny_repository, name)
-        controls = {c.name: c.control[0].kind for c in config.sequence_batching.control_input}
+        controls = {
+            c.name: c.control[0].kind for c in config.sequence_batching.control_input
+        }
         assert config.max_batch_size == 0, name
         assert config.sequence_batching.max_sequence_idle_microseconds == 600_000_000
         assert config.sequence_batching.HasField("oldest"), name
-        assert controls["START"] == mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START
+        assert (
+            controls["START"] == mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START
+        )
         assert controls["END"] == mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END
-        assert controls["CORRID"] == mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID
+        assert (
+            controls["CORRID"]
+            == mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID
+        )
 
 
 def test_ensemble_tensors_line_up(tiny_repository):
@@ -135,8 +142,12 @@ def test_mismatched_encoder_and_mil_widths_rejected(tiny_export, tmp_path):
     from histomet.export.onnx import export_mil_step
     from histomet.models.mil import build_demo_mil
 
-    path = export_mil_step(build_demo_mil("risk", seed=1), full_width_mil / "risk.onnx").path
-    mismatched = ExportedGraphs(encoder=graphs.encoder, risk_mil=path, site_mil=graphs.site_mil)
+    path = export_mil_step(
+        build_demo_mil("risk", seed=1), full_width_mil / "risk.onnx"
+    ).path
+    mismatched = ExportedGraphs(
+        encoder=graphs.encoder, risk_mil=path, site_mil=graphs.site_mil
+    )
 
     with pytest.raises(ExportError, match="width"):
         write_repository(tmp_path / "repo", mismatched, model_spec)

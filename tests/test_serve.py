@@ -58,8 +58,12 @@ def stream_requests(server, requests: list[dict]) -> list[tuple]:
 
 
 def test_server_reports_ready_and_serves_metrics(triton_server):
-    ready = urllib.request.urlopen(f"http://{triton_server.http_url}/v2/health/ready", timeout=5)
-    metrics = urllib.request.urlopen(triton_server.metrics_url, timeout=5).read().decode()
+    ready = urllib.request.urlopen(
+        f"http://{triton_server.http_url}/v2/health/ready", timeout=5
+    )
+    metrics = (
+        urllib.request.urlopen(triton_server.metrics_url, timeout=5).read().decode()
+    )
     assert ready.status == 200
     assert "nv_inference_request_success" in metrics
 
@@ -75,7 +79,9 @@ def test_port_in_use_is_reported(tiny_repository):
             http_port=free_port(),
             metrics_port=free_port(),
         )
-        with pytest.raises(ServerUnavailableError, match=f"gRPC port 127.0.0.1:{taken}"):
+        with pytest.raises(
+            ServerUnavailableError, match=f"gRPC port 127.0.0.1:{taken}"
+        ):
             LocalTritonServer(config).start()
 
 
@@ -99,13 +105,18 @@ def test_serve_cli_stops_cleanly_on_sigterm(tiny_repository):
         "--metrics-port",
         str(metrics_port),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = process.stdout.readline()
         assert f"grpc 127.0.0.1:{grpc_port}" in line
-        assert urllib.request.urlopen(
-            f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5
-        ).status == 200
+        assert (
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5
+            ).status
+            == 200
+        )
         process.terminate()
         assert process.wait(timeout=60) == 0
     finally:
@@ -155,9 +166,13 @@ def active_sequences(server) -> dict[str, float]:
 
 def test_sequence_state_held_until_end(triton_server):
     baseline = active_sequences(triton_server)
-    stream_requests(triton_server, [{"sequence_id": 903, "start": True, "offset": 0, "n": 2}])
+    stream_requests(
+        triton_server, [{"sequence_id": 903, "start": True, "offset": 0, "n": 2}]
+    )
     during = active_sequences(triton_server)
-    stream_requests(triton_server, [{"sequence_id": 903, "offset": 2, "n": 1, "end": True}])
+    stream_requests(
+        triton_server, [{"sequence_id": 903, "offset": 2, "n": 1, "end": True}]
+    )
     after = active_sequences(triton_server)
     for model in (spec.RISK_MODEL, spec.SITE_MODEL):
         assert during[model] == baseline[model] + 1, model
@@ -170,7 +185,9 @@ def test_abandoned_sequence_freed_after_idle_timeout(tiny_export, tmp_path):
 
     graphs, model_spec = tiny_export
     repository = tmp_path / "repo"
-    write_repository(repository, graphs, model_spec, ServingOptions(sequence_idle_timeout_s=2))
+    write_repository(
+        repository, graphs, model_spec, ServingOptions(sequence_idle_timeout_s=2)
+    )
     config = ServerConfig(
         repository=repository,
         grpc_port=free_port(),
@@ -178,15 +195,91 @@ def test_abandoned_sequence_freed_after_idle_timeout(tiny_export, tmp_path):
         metrics_port=free_port(),
     )
     with LocalTritonServer(config) as server:
-        stream_requests(server, [{"sequence_id": 904, "start": True, "offset": 0, "n": 1}])
+        stream_requests(
+            server, [{"sequence_id": 904, "start": True, "offset": 0, "n": 1}]
+        )
         held = active_sequences(server)
         time.sleep(5)
         freed = active_sequences(server)
         expired = metric_value(
-            server.metrics_url, "histomet_mil_sequences_expired_total", 'model="risk_mil"'
+            server.metrics_url,
+            "histomet_mil_sequences_expired_total",
+            'model="risk_mil"',
         )
     assert held[spec.RISK_MODEL] == 1
     assert held[spec.SITE_MODEL] == 1
     assert freed[spec.RISK_MODEL] == 0
     assert freed[spec.SITE_MODEL] == 0
     assert expired == 1
+
+
+def mil_request(server, model: str, sequence_id: int, n: int, offset: int, **flags):
+    """Send one request straight to a MIL model and return its outputs."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    config = client.get_model_config(model, as_json=True)["config"]
+    width = int(config["input"][0]["dims"][1])
+    rng = np.random.default_rng(n)
+    inputs = []
+    arrays = {
+        spec.EMBEDDING: rng.standard_normal((n, width)).astype(np.float32),
+        spec.PROJECTED: rng.standard_normal((n, width)).astype(np.float32),
+        spec.TILE_OFFSET: np.array([offset], dtype=np.int64),
+    }
+    if model == spec.SITE_MODEL:
+        arrays[spec.RISK_HIGH] = np.array([True])
+    for name, array in arrays.items():
+        datatype = {np.float32: "FP32", np.int64: "INT64", np.bool_: "BOOL"}[array.dtype.type]
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = client.infer(model, inputs, sequence_id=sequence_id, **flags)
+    return {output["name"]: result.as_numpy(output["name"]) for output in config["output"]}
+
+
+def test_mil_models_accept_any_bag_chunk_size(triton_server):
+    """Chunks of 1, 2, 3 and 1000 instances keep their declared shapes (no flattening)."""
+    for model, sequence_id in ((spec.RISK_MODEL, 905), (spec.SITE_MODEL, 906)):
+        offset = 0
+        sizes = (1, 2, 3, 1000)
+        for index, n in enumerate(sizes):
+            flags = {
+                "sequence_start": index == 0,
+                "sequence_end": index == len(sizes) - 1,
+            }
+            outputs = mil_request(triton_server, model, sequence_id, n, offset, **flags)
+            offset += n
+            if model == spec.RISK_MODEL:
+                assert outputs[spec.RISK_ATTENTION].shape == (n,)
+                assert outputs[spec.CONCEPT_SCORES].shape[0] == n
+                assert outputs[spec.RISK_PROBABILITY].shape == (1,)
+                assert outputs[spec.TILES_POOLED][0] == offset
+            else:
+                assert outputs[spec.SITE_ATTENTION].shape == (n,)
+                assert outputs[spec.SITE_PROBABILITIES].shape == (6,)
+        if model == spec.SITE_MODEL:
+            assert outputs[spec.SITE_EVALUATED][0]
+            assert outputs[spec.SITE_PROBABILITIES].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_client_splits_batches_to_encoder_maximum(tiny_export, tmp_path):
+    from histomet.client.predict import PredictOptions
+    from histomet.client.predict import predict_slide
+    from histomet.export.repository import ServingOptions
+    from histomet.export.repository import write_repository
+
+    from .conftest import CMU_SMALL
+
+    graphs, model_spec = tiny_export
+    repository = tmp_path / "repo"
+    options = ServingOptions(encoder_max_batch=4, encoder_preferred_batches=(4,))
+    write_repository(repository, graphs, model_spec, options)
+    config = ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+    with LocalTritonServer(config) as server:
+        result = predict_slide(CMU_SMALL, PredictOptions(url=server.grpc_url, batch_size=100))
+    assert result["slide"]["tiles"] == 14
+    assert result["sequence"]["requests"] == 4

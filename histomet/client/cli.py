@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict metastasis risk, and site for high-risk slides, "
         "from a whole-slide image through a Triton server.",
     )
-    parser.add_argument("--debug", action="store_true", help="show stack traces and debug logs")
+    parser.add_argument(
+        "--debug", action="store_true", help="show stack traces and debug logs"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     predict = commands.add_parser("predict", help="predict one slide")
@@ -58,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:8001",
         help="Triton gRPC address HOST:PORT (default: 127.0.0.1:8001)",
     )
-    predict.add_argument("--model", default="histomet", help="ensemble name (default: histomet)")
-    predict.add_argument("--json", type=Path, help="write the result as JSON to this file")
+    predict.add_argument(
+        "--model", default="histomet", help="ensemble name (default: histomet)"
+    )
+    predict.add_argument(
+        "--json", type=Path, help="write the result as JSON to this file"
+    )
     predict.add_argument(
         "--mpp",
         type=_positive_float,
@@ -102,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="name the slide's path in messages (off by default: file names can "
         "hold patient identifiers)",
     )
-    predict.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    predict.add_argument(
+        "--quiet", action="store_true", help="print nothing but errors"
+    )
     return parser
 
 

@@ -61,7 +61,9 @@ def slide_id(path: Path) -> str:
     A folder (a DICOM slide) hashes its files in name order. Reading two MiB per
     file keeps this cheap for multi-GB slides while a renamed copy keeps its id.
     """
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    )
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size
@@ -85,7 +87,9 @@ def _interpretation(
     """Return attention-weighted concept scores and the most attended tiles."""
     weights = _softmax(stream.risk_attention)
     weighted = weights @ stream.concept_scores.astype(np.float64)
-    concepts = {cid: round(float(score), 6) for cid, score in zip(concept_ids, weighted)}
+    concepts = {
+        cid: round(float(score), 6) for cid, score in zip(concept_ids, weighted)
+    }
     top = np.argsort(-weights, kind="stable")[:TOP_TILES]
     tiles = []
     for index in top:
@@ -96,7 +100,9 @@ def _interpretation(
                 "x": int(coords_l0[index, 0]),
                 "y": int(coords_l0[index, 1]),
                 "attention": round(float(weights[index]), 6),
-                "top_concepts": {concept_ids[k]: round(float(scores[k]), 6) for k in best},
+                "top_concepts": {
+                    concept_ids[k]: round(float(scores[k]), 6) for k in best
+                },
             }
         )
     return concepts, tiles
@@ -128,7 +134,11 @@ def _no_tissue_result(
                 "for inference"
             ),
             "risk": None,
-            "site": {"evaluated": False, "probabilities": None, "reason": "no tissue found"},
+            "site": {
+                "evaluated": False,
+                "probabilities": None,
+                "reason": "no tissue found",
+            },
             "timing_s": {key: round(value, 3) for key, value in timings.items()},
         }
     )
@@ -157,7 +167,10 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
         # The slide is opened first, so a bad file or a missing MPP is reported
         # without a server, and before any request.
         with open_slide(
-            path, reader=options.reader, mpp_override=options.mpp, display_name=display_name
+            path,
+            reader=options.reader,
+            mpp_override=options.mpp,
+            display_name=display_name,
         ) as slide:
             info = slide.info
             timings["open_s"] = time.perf_counter() - started
@@ -217,12 +230,17 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
                 f"ensemble declares {model_spec.risk_threshold:.6f}",
                 "the repository is inconsistent; re-export it",
             )
-        concepts, top_tiles = _interpretation(stream, grid.coords_l0, model_spec.concept_ids)
+        concepts, top_tiles = _interpretation(
+            stream, grid.coords_l0, model_spec.concept_ids
+        )
         labels = model_spec.site_labels
         site = {
             "evaluated": stream.site_evaluated,
             "probabilities": (
-                {label: round(float(p), 6) for label, p in zip(labels, stream.site_probabilities)}
+                {
+                    label: round(float(p), 6)
+                    for label, p in zip(labels, stream.site_probabilities)
+                }
                 if stream.site_evaluated
                 else None
             ),
@@ -252,7 +270,10 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
                 "site": site,
                 "concepts": {"attention_weighted_scores": concepts},
                 "top_tiles": top_tiles,
-                "sequence": {"id": str(stream.sequence_id), "requests": stream.requests},
+                "sequence": {
+                    "id": str(stream.sequence_id),
+                    "requests": stream.requests,
+                },
                 "timing_s": {key: round(value, 3) for key, value in timings.items()},
             }
         )

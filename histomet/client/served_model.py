@@ -76,10 +76,12 @@ def describe(
                 "check `curl 127.0.0.1:HTTP_PORT/v2/models/"
                 f"{model_name}/ready` and the server log",
             )
-        metadata = client.get_model_metadata(model_name, as_json=True, client_timeout=timeout_s)
-        config = client.get_model_config(model_name, as_json=True, client_timeout=timeout_s)[
-            "config"
-        ]
+        metadata = client.get_model_metadata(
+            model_name, as_json=True, client_timeout=timeout_s
+        )
+        config = client.get_model_config(
+            model_name, as_json=True, client_timeout=timeout_s
+        )["config"]
         encoder = client.get_model_config(
             spec.ENCODER_MODEL, as_json=True, client_timeout=timeout_s
         )["config"]

@@ -214,7 +214,9 @@ def stream_slide(
         reader.stop()
         client.stop_stream(cancel_requests=len(outputs) < sent)
     stream_s = time.perf_counter() - started
-    return _assemble(outputs, sent, sequence_id, n_tiles, reader.read_s, stream_s, first_response_s)
+    return _assemble(
+        outputs, sent, sequence_id, n_tiles, reader.read_s, stream_s, first_response_s
+    )
 
 
 def _message(error: Exception) -> str:
@@ -272,11 +274,19 @@ def _assemble(
         risk_high=bool(final[spec.RISK_HIGH].reshape(-1)[0]),
         risk_threshold=float(final[spec.RISK_THRESHOLD].reshape(-1)[0]),
         tiles_pooled=tiles_pooled,
-        site_probabilities=final[spec.SITE_PROBABILITIES].reshape(-1).astype(np.float64),
+        site_probabilities=final[spec.SITE_PROBABILITIES]
+        .reshape(-1)
+        .astype(np.float64),
         site_evaluated=bool(final[spec.SITE_EVALUATED].reshape(-1)[0]),
-        risk_attention=np.concatenate([o[spec.RISK_ATTENTION].reshape(-1) for o in ordered]),
-        site_attention=np.concatenate([o[spec.SITE_ATTENTION].reshape(-1) for o in ordered]),
-        concept_scores=np.concatenate([o[spec.CONCEPT_SCORES] for o in ordered], axis=0),
+        risk_attention=np.concatenate(
+            [o[spec.RISK_ATTENTION].reshape(-1) for o in ordered]
+        ),
+        site_attention=np.concatenate(
+            [o[spec.SITE_ATTENTION].reshape(-1) for o in ordered]
+        ),
+        concept_scores=np.concatenate(
+            [o[spec.CONCEPT_SCORES] for o in ordered], axis=0
+        ),
         read_s=read_s,
         stream_s=stream_s,
         first_response_s=first_response_s,

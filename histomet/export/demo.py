@@ -65,7 +65,10 @@ def export_demo_graphs(
 
     mil_paths = {}
     concept_ids: tuple[str, ...] = ()
-    for kind, n_outputs, output in (("risk", 1, "sigmoid"), ("site", len(SITE_LABELS), "softmax")):
+    for kind, n_outputs, output in (
+        ("risk", 1, "sigmoid"),
+        ("site", len(SITE_LABELS), "softmax"),
+    ):
         mil_config = MILConfig(
             embed_dim=config.embed_dim,
             proj_dim=config.embed_dim,
@@ -74,7 +77,9 @@ def export_demo_graphs(
         )
         # Distinct seeds per head, so the two heads do not share weights.
         head_seed = seed * 3 + (1 if kind == "risk" else 2)
-        mil = build_demo_mil(kind, seed=head_seed, text_concepts=concepts, config=mil_config)
+        mil = build_demo_mil(
+            kind, seed=head_seed, text_concepts=concepts, config=mil_config
+        )
         path = work_dir / f"{kind}_mil.onnx"
         export_mil_step(mil, path, seed=head_seed)
         mil_paths[kind] = path
@@ -110,5 +115,7 @@ def export_demo(
         graphs, model_spec = export_demo_graphs(work_dir, encoder=encoder, seed=seed)
         return write_repository(repository, graphs, model_spec, options)
     with tempfile.TemporaryDirectory(prefix="histomet-export-") as temporary:
-        graphs, model_spec = export_demo_graphs(Path(temporary), encoder=encoder, seed=seed)
+        graphs, model_spec = export_demo_graphs(
+            Path(temporary), encoder=encoder, seed=seed
+        )
         return write_repository(repository, graphs, model_spec, options)

@@ -100,7 +100,9 @@ def _feature_dims(encoder_dims: dict, mil_dims: dict) -> tuple[int, int]:
     leave them dynamic, but where it declares them they must agree.
     """
     widths = []
-    for encoder_name, mil_name in zip(spec.ONNX_ENCODER_OUTPUTS, spec.ONNX_MIL_INPUTS[:2]):
+    for encoder_name, mil_name in zip(
+        spec.ONNX_ENCODER_OUTPUTS, spec.ONNX_MIL_INPUTS[:2]
+    ):
         mil_width = mil_dims[mil_name][-1]
         encoder_width = encoder_dims[encoder_name][-1]
         if mil_width <= 0:
@@ -140,9 +142,13 @@ def encoder_config(
     config.dynamic_batching.preferred_batch_size.extend(
         [b for b in options.encoder_preferred_batches if b <= options.encoder_max_batch]
     )
-    config.dynamic_batching.max_queue_delay_microseconds = options.encoder_queue_delay_us
+    config.dynamic_batching.max_queue_delay_microseconds = (
+        options.encoder_queue_delay_us
+    )
     config.dynamic_batching.preserve_ordering = True
-    config.instance_group.add(count=options.encoder_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.instance_group.add(
+        count=options.encoder_instances, kind=mc.ModelInstanceGroup.KIND_CPU
+    )
     _set_parameters(
         config,
         {
@@ -197,7 +203,9 @@ def mil_config(
         config.output.add(name=output_name, data_type=data_type, dims=dims)
 
     batching = config.sequence_batching
-    batching.max_sequence_idle_microseconds = options.sequence_idle_timeout_s * 1_000_000
+    batching.max_sequence_idle_microseconds = (
+        options.sequence_idle_timeout_s * 1_000_000
+    )
     # The oldest strategy lets many slides hold state at once on one instance;
     # the direct strategy would give each instance a single sequence slot.
     batching.oldest.max_candidate_sequences = options.max_candidate_sequences
@@ -237,9 +245,13 @@ def ensemble_config(
             f"site model has {n_sites} outputs but {len(spec_.site_labels)} site labels",
             "export the site model with one output per label",
         )
-    config = mc.ModelConfig(name=spec.ENSEMBLE_MODEL, platform="ensemble", max_batch_size=0)
+    config = mc.ModelConfig(
+        name=spec.ENSEMBLE_MODEL, platform="ensemble", max_batch_size=0
+    )
     config.input.add(
-        name=spec.TILES, data_type=mc.TYPE_UINT8, dims=[-1, spec_.tile_px, spec_.tile_px, 3]
+        name=spec.TILES,
+        data_type=mc.TYPE_UINT8,
+        dims=[-1, spec_.tile_px, spec_.tile_px, 3],
     )
     config.input.add(name=spec.TILE_OFFSET, data_type=mc.TYPE_INT64, dims=[1])
     output_dims = {
@@ -282,7 +294,11 @@ def ensemble_config(
     site_step.input_map[spec.PROJECTED] = "_projected"
     site_step.input_map[spec.TILE_OFFSET] = spec.TILE_OFFSET
     site_step.input_map[spec.RISK_HIGH] = spec.RISK_HIGH
-    for output_name in (spec.SITE_PROBABILITIES, spec.SITE_EVALUATED, spec.SITE_ATTENTION):
+    for output_name in (
+        spec.SITE_PROBABILITIES,
+        spec.SITE_EVALUATED,
+        spec.SITE_ATTENTION,
+    ):
         site_step.output_map[output_name] = output_name
 
     _set_parameters(config, ensemble_parameters(spec_))
@@ -360,7 +376,9 @@ def write_repository(
     risk_dims = _graph_dims(graphs.risk_mil)
     site_dims = _graph_dims(graphs.site_mil)
     _check_graph_names(
-        encoder_dims, (spec.ONNX_ENCODER_INPUT, *spec.ONNX_ENCODER_OUTPUTS), graphs.encoder
+        encoder_dims,
+        (spec.ONNX_ENCODER_INPUT, *spec.ONNX_ENCODER_OUTPUTS),
+        graphs.encoder,
     )
     for path, dims in ((graphs.risk_mil, risk_dims), (graphs.site_mil, site_dims)):
         _check_graph_names(dims, spec.ONNX_MIL_INPUTS + spec.ONNX_MIL_OUTPUTS, path)
@@ -373,11 +391,15 @@ def write_repository(
     manifest = build_manifest(graphs, spec_)
     digest = manifest_digest(manifest)
     spec_ = spec.ModelSpec(**{**asdict(spec_), "manifest_sha256": digest})
-    spec_ = spec.ModelSpec(**{**asdict(spec_), "encoder_max_batch": options.encoder_max_batch})
+    spec_ = spec.ModelSpec(
+        **{**asdict(spec_), "encoder_max_batch": options.encoder_max_batch}
+    )
 
     repository = repository.resolve()
     repository.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.", dir=repository.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{repository.name}.", dir=repository.parent)
+    )
     try:
         models = {
             spec.ENCODER_MODEL: (
@@ -411,7 +433,9 @@ def write_repository(
         )
         # The manifest sits in the ensemble's version folder, which Triton
         # ignores, so the served version carries its own checksums.
-        manifest_text = json.dumps({**manifest, "sha256": digest}, indent=2, sort_keys=True)
+        manifest_text = json.dumps(
+            {**manifest, "sha256": digest}, indent=2, sort_keys=True
+        )
         (ensemble_dir / MANIFEST_NAME).write_text(manifest_text + "\n")
 
         _replace_directory(staging, repository)

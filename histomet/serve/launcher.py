@@ -160,6 +160,13 @@ def server_command(config: ServerConfig, backend_dir: Path) -> list[str]:
     return command
 
 
+def free_port(address: str = LOOPBACK) -> int:
+    """Return a TCP port on ``address`` that is free at the time of the call."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
 def check_ports_free(config: ServerConfig) -> None:
     """Raise if any of the server's ports is already bound on its address.
 
@@ -208,7 +215,9 @@ def wait_until_ready(
                 "read the server log above; a model that fails to load stops the server",
             )
         try:
-            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2):
+            with urllib.request.urlopen(
+                f"http://{http_url}/v2/health/ready", timeout=2
+            ):
                 return
         except urllib.error.HTTPError as error:
             last_error = f"HTTP {error.code}"
@@ -273,7 +282,9 @@ class LocalTritonServer:
         )
         started = time.monotonic()
         try:
-            wait_until_ready(self.http_url, self.config.startup_timeout_s, self._process)
+            wait_until_ready(
+                self.http_url, self.config.startup_timeout_s, self._process
+            )
         except BaseException:
             self.stop()
             raise
@@ -295,7 +306,9 @@ class LocalTritonServer:
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                _LOGGER.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+                _LOGGER.warning(
+                    "tritonserver did not stop in %.0f s; killing it", timeout_s
+                )
                 process.kill()
                 process.wait()
         if self._log_handle is not None:

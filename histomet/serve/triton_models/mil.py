@@ -50,7 +50,14 @@ def _scalar(request, name, dtype=None):
 
 
 class _SequenceState:
-    __slots__ = ("state_max", "state_sum", "state_weighted", "tiles", "last_seen_s", "error")
+    __slots__ = (
+        "state_max",
+        "state_sum",
+        "state_weighted",
+        "tiles",
+        "last_seen_s",
+        "error",
+    )
 
     def __init__(self, hidden_dim):
         self.state_max = np.array([_EMPTY_STATE_MAX], dtype=np.float32)
@@ -90,7 +97,9 @@ class TritonPythonModel:
             description="Sequences (slides) with pooling state held by a MIL model",
             kind=pb_utils.MetricFamily.GAUGE,
         )
-        self.active_metric = self.metric_family.Metric(labels={"model": self.model_name})
+        self.active_metric = self.metric_family.Metric(
+            labels={"model": self.model_name}
+        )
         self.expired_family = pb_utils.MetricFamily(
             name="histomet_mil_sequences_expired_total",
             description="Sequences whose state was dropped after the idle timeout",
@@ -183,7 +192,9 @@ class TritonPythonModel:
         return [
             pb_utils.Tensor("RISK_PROBABILITY", probability),
             pb_utils.Tensor("RISK_HIGH", probability >= self.risk_threshold),
-            pb_utils.Tensor("RISK_THRESHOLD", np.array([self.risk_threshold], np.float32)),
+            pb_utils.Tensor(
+                "RISK_THRESHOLD", np.array([self.risk_threshold], np.float32)
+            ),
             pb_utils.Tensor("RISK_ATTENTION", attention.astype(np.float32)),
             pb_utils.Tensor("CONCEPT_SCORES", concepts.astype(np.float32)),
             pb_utils.Tensor("TILES_POOLED", np.array([tiles], dtype=np.int64)),

@@ -58,7 +58,9 @@ class TritonPythonModel:
                 self.output_names, {self.input_name: np.ascontiguousarray(batch)}
             )
         except Exception as error:  # noqa: BLE001 - reported to every request
-            message = f"patch encoder failed on a batch of {batch.shape[0]} tiles: {error}"
+            message = (
+                f"patch encoder failed on a batch of {batch.shape[0]} tiles: {error}"
+            )
             pb_utils.Logger.log_error(message)
             return [
                 pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
@@ -69,7 +71,9 @@ class TritonPythonModel:
         start = 0
         for count in counts:
             tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(output[start : start + count]))
+                pb_utils.Tensor(
+                    name, np.ascontiguousarray(output[start : start + count])
+                )
                 for name, output in zip(self.triton_outputs, outputs)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
