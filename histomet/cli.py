@@ -163,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
             _LOGGER.exception("command failed")
         print(f"histomet: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:
+        if args.debug:
+            _LOGGER.exception("command failed")
+        where = f" {error.filename}" if error.filename else ""
+        print(
+            f"histomet: error: cannot access{where}: {error.strerror or error}. "
+            "Check the path and its permissions",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("histomet: interrupted", file=sys.stderr)
         return 130

@@ -20,7 +20,7 @@ class HistometError(Exception):
 
     def __str__(self) -> str:
         if self.hint:
-            return f"{self.message}. {self.hint}"
+            return f"{self.message}. {self.hint[0].upper()}{self.hint[1:]}"
         return self.message
 
 
@@ -36,6 +36,16 @@ class SlideNotFoundError(InputError):
 
 class SlideOpenError(InputError):
     """No reader could open the file as a slide."""
+
+
+class SlideReadError(InputError):
+    """The slide opened, but its pixel data could not be decoded."""
+
+
+class UsageError(HistometError):
+    """A command-line value is invalid; found before any work starts."""
+
+    exit_code = 2
 
 
 class UnsupportedImageError(InputError):

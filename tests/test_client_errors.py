@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -93,7 +95,7 @@ def test_native_reader_output_is_redacted(tmp_path):
     completed = run_client("--debug", "predict", str(fake))
 
     assert completed.returncode == 3
-    assert "slide reader output: <slide>" in completed.stderr
+    assert "slide reader output on fd 2: <slide>" in completed.stderr
     assert "patient-0042" not in completed.stderr
     assert "patient-0042" not in completed.stdout
 
@@ -149,10 +151,108 @@ def test_missing_mpp_sends_nothing(triton_server, shared_slides):
 
 
 def test_invalid_mpp_argument_exit_2():
-    completed = run_client("predict", str(CMU_SMALL), "--mpp", "-1")
+    for value, expected in (
+        ("-1", "finite number above 0"),
+        ("nan", "finite number above 0"),
+        ("inf", "finite number above 0"),
+        ("1e9", "outside the plausible range"),
+        ("0.01", "outside the plausible range"),
+    ):
+        completed = run_client("predict", str(CMU_SMALL), "--mpp", value)
+        assert completed.returncode == 2, value
+        assert expected in completed.stderr, value
 
-    assert completed.returncode == 2
-    assert "must be greater than 0" in completed.stderr
+
+def test_invalid_url_exit_2_without_connecting():
+    for url, expected in (
+        ("127.0.0.1:99999", "port must be 1 to 65535"),
+        ("127.0.0.1:", "not a port number"),
+        ("foo", "lacks a host or a port"),
+        ("http://127.0.0.1:8001", "has a scheme"),
+        ("", "lacks a host or a port"),
+    ):
+        completed = run_client("predict", str(CMU_SMALL), "--url", url)
+        assert completed.returncode == 2, url
+        assert expected in completed.stderr, url
+
+
+def test_debug_accepted_after_subcommand(tmp_path):
+    completed = run_client("predict", str(tmp_path / "absent.svs"), "--debug")
+
+    assert completed.returncode == 3
+    assert "Traceback" in completed.stderr
+
+
+def test_fifo_is_not_a_slide(tmp_path):
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+
+    line = assert_one_line_error(run_client("predict", str(fifo)), 3)
+
+    assert "not a regular file or folder" in line
+
+
+def test_json_onto_slide_rejected_before_work(tmp_path):
+    slide = tmp_path / "copy.svs"
+    shutil.copyfile(CMU_SMALL, slide)
+    before = slide.read_bytes()
+
+    line = assert_one_line_error(
+        run_client("predict", str(slide), "--json", str(slide)), 2
+    )
+
+    assert "points at the input slide" in line
+    assert slide.read_bytes() == before
+
+
+def test_json_onto_folder_rejected_before_work(tmp_path):
+    line = assert_one_line_error(
+        run_client("predict", str(CMU_SMALL), "--json", str(tmp_path)), 2
+    )
+
+    assert "is a folder" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_to_character_device_written_in_place(triton_server):
+    completed = run_client(
+        "predict",
+        str(CMU_SMALL),
+        "--url",
+        triton_server.grpc_url,
+        "--json",
+        "/dev/null",
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert Path("/dev/null").is_char_device()
+
+
+def test_corrupt_tile_data_gives_no_prediction(triton_server, tmp_path):
+    """Zeroed JPEG tile data: cuCIM prints libjpeg errors and returns pixels anyway."""
+    data = bytearray(CMU_SMALL.read_bytes())
+    data[300_000:700_000] = bytes(400_000)
+    slide = tmp_path / "corrupt.svs"
+    slide.write_bytes(data)
+    output = tmp_path / "corrupt.json"
+    before = ensemble_requests(triton_server)
+
+    for reader in ("cucim", "openslide"):
+        completed = run_client(
+            "predict",
+            str(slide),
+            "--url",
+            triton_server.grpc_url,
+            "--reader",
+            reader,
+            "--json",
+            str(output),
+        )
+        line = assert_one_line_error(completed, 3)
+        assert "no prediction was made" in line, reader
+        assert "risk" not in completed.stdout, reader
+        assert not output.exists(), reader
+    assert ensemble_requests(triton_server) == before
 
 
 def test_blank_slide_reports_no_tissue(triton_server, tmp_path):

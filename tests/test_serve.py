@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from histomet import spec
 from histomet.errors import ServerUnavailableError
 from histomet.serve.launcher import LocalTritonServer
 from histomet.serve.launcher import ServerConfig
+from histomet.serve.launcher import _process_group_members
 
 from .conftest import free_port
 
@@ -85,6 +87,24 @@ def test_port_in_use_is_reported(tiny_repository):
             LocalTritonServer(config).start()
 
 
+def test_repository_without_ensemble_is_reported(tmp_path):
+    config = ServerConfig(repository=tmp_path)
+    with pytest.raises(ServerUnavailableError, match="has no 'histomet' ensemble"):
+        LocalTritonServer(config).start()
+
+
+def test_equal_ports_are_reported(tiny_repository):
+    port = free_port()
+    config = ServerConfig(
+        repository=tiny_repository,
+        grpc_port=port,
+        http_port=port,
+        metrics_port=free_port(),
+    )
+    with pytest.raises(ServerUnavailableError, match="ports must differ"):
+        LocalTritonServer(config).start()
+
+
 def test_missing_repository_is_reported(tmp_path):
     config = ServerConfig(repository=tmp_path / "absent")
     with pytest.raises(ServerUnavailableError, match="histomet export demo"):
@@ -94,7 +114,7 @@ def test_missing_repository_is_reported(tmp_path):
 def test_serve_cli_stops_cleanly_on_sigterm(tiny_repository):
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     command = [
-        str(__import__("pathlib").Path(sys.executable).parent / "histomet"),
+        str(Path(sys.executable).parent / "histomet"),
         "serve",
         "--repository",
         str(tiny_repository),
@@ -228,12 +248,16 @@ def mil_request(server, model: str, sequence_id: int, n: int, offset: int, **fla
     if model == spec.SITE_MODEL:
         arrays[spec.RISK_HIGH] = np.array([True])
     for name, array in arrays.items():
-        datatype = {np.float32: "FP32", np.int64: "INT64", np.bool_: "BOOL"}[array.dtype.type]
+        datatype = {np.float32: "FP32", np.int64: "INT64", np.bool_: "BOOL"}[
+            array.dtype.type
+        ]
         tensor = grpcclient.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     result = client.infer(model, inputs, sequence_id=sequence_id, **flags)
-    return {output["name"]: result.as_numpy(output["name"]) for output in config["output"]}
+    return {
+        output["name"]: result.as_numpy(output["name"]) for output in config["output"]
+    }
 
 
 def test_mil_models_accept_any_bag_chunk_size(triton_server):
@@ -258,7 +282,9 @@ def test_mil_models_accept_any_bag_chunk_size(triton_server):
                 assert outputs[spec.SITE_PROBABILITIES].shape == (6,)
         if model == spec.SITE_MODEL:
             assert outputs[spec.SITE_EVALUATED][0]
-            assert outputs[spec.SITE_PROBABILITIES].sum() == pytest.approx(1.0, abs=1e-5)
+            assert outputs[spec.SITE_PROBABILITIES].sum() == pytest.approx(
+                1.0, abs=1e-5
+            )
 
 
 def test_client_splits_batches_to_encoder_maximum(tiny_export, tmp_path):
@@ -280,6 +306,67 @@ def test_client_splits_batches_to_encoder_maximum(tiny_export, tmp_path):
         metrics_port=free_port(),
     )
     with LocalTritonServer(config) as server:
-        result = predict_slide(CMU_SMALL, PredictOptions(url=server.grpc_url, batch_size=100))
+        result = predict_slide(
+            CMU_SMALL, PredictOptions(url=server.grpc_url, batch_size=100)
+        )
     assert result["slide"]["tiles"] == 14
     assert result["sequence"]["requests"] == 4
+
+
+def test_server_killed_mid_slide_gives_no_prediction(tiny_repository):
+    """The server dies after two batches: the slide fails with a server error, exit 4."""
+    from histomet.client.served_model import connect
+    from histomet.client.stream import stream_slide
+    from histomet.errors import InferenceError
+    from histomet.slide import detect_tissue
+    from histomet.slide import iter_tile_batches
+    from histomet.slide import open_slide
+    from histomet.slide import plan_tiles
+
+    from .conftest import CMU_SMALL
+
+    config = ServerConfig(
+        repository=tiny_repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+    server = LocalTritonServer(config)
+    server.start()
+    try:
+        client = connect(server.grpc_url)
+        with open_slide(CMU_SMALL) as slide:
+            thumbnail, downsample = slide.thumbnail(2048)
+            mask = detect_tissue(thumbnail, downsample=downsample, mpp=slide.info.mpp)
+            grid = plan_tiles(slide.info, mask, tile_px=512, target_mpp=0.5)
+
+            def batches_then_kill():
+                for index, batch in enumerate(iter_tile_batches(slide, grid, 2)):
+                    if index == 2:
+                        server.process.kill()
+                        server.process.wait()
+                    yield batch
+
+            with pytest.raises(InferenceError) as raised:
+                stream_slide(
+                    client,
+                    spec.ENSEMBLE_MODEL,
+                    batches_then_kill(),
+                    grid.n_tiles,
+                    response_timeout_s=30,
+                )
+        stubs = _process_group_members(server.process.pid)
+    finally:
+        server.stop()
+    assert raised.value.exit_code == 4
+    assert "No prediction was made" in str(raised.value)
+    # The killed server's Python-backend stubs are not left running.
+    for pid in stubs:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

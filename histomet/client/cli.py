@@ -1,7 +1,8 @@
 """``histomet-client``: predict metastasis risk and site for a slide through Triton.
 
 Exit codes: 0 prediction made, 1 unexpected error, 2 invalid arguments,
-3 invalid input slide, 4 server or model failure, 5 no tissue found.
+3 invalid input slide, 4 server or model failure, 5 no tissue found,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,15 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from histomet.client.redact import redacted_native_stderr
+from histomet.client.native_output import NativeOutputMonitor
+from histomet.client.native_output import redact
 from histomet.errors import HistometError
 from histomet.errors import NoTissueError
+from histomet.errors import UsageError
+from histomet.slide.mpp import MAX_PLAUSIBLE_MPP
+from histomet.slide.mpp import MIN_PLAUSIBLE_MPP
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -27,9 +34,50 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
+
+
+def _mpp(text: str) -> float:
+    value = _positive_float(text)
+    if not MIN_PLAUSIBLE_MPP <= value <= MAX_PLAUSIBLE_MPP:
+        raise argparse.ArgumentTypeError(
+            f"{text} µm/px is outside the plausible range {MIN_PLAUSIBLE_MPP} to "
+            f"{MAX_PLAUSIBLE_MPP} (about 0.25 at 40x, 0.5 at 20x)"
+        )
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1 to 65535, got {value}")
+    return value
+
+
+def _grpc_url(text: str) -> str:
+    """Check a Triton gRPC address of the form HOST:PORT."""
+    hint = "give Triton's gRPC address as HOST:PORT, for example 127.0.0.1:8001"
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} has a scheme; {hint}")
+    host, separator, port = text.rpartition(":")
+    if not separator or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} lacks a host or a port; {hint}")
+    try:
+        _port(port)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}; {hint}") from None
+    return text
+
+
+def _non_negative_float(text: str) -> float:
+    if text in ("0", "0.0"):
+        return 0.0
+    return _positive_float(text)
 
 
 def _positive_int(text: str) -> int:
@@ -48,15 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict metastasis risk, and site for high-risk slides, "
         "from a whole-slide image through a Triton server.",
     )
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show stack traces and debug logs",
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show stack traces and debug logs"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    predict = commands.add_parser("predict", help="predict one slide")
+    predict = commands.add_parser("predict", help="predict one slide", parents=[debug])
     predict.add_argument("slide", type=Path, help="slide file, or DICOM WSI folder")
     predict.add_argument(
         "--url",
+        type=_grpc_url,
         default="127.0.0.1:8001",
         help="Triton gRPC address HOST:PORT (default: 127.0.0.1:8001)",
     )
@@ -68,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--mpp",
-        type=_positive_float,
+        type=_mpp,
         help="microns per pixel at level 0, for slides whose metadata lacks it; "
         "overrides the metadata when given",
     )
@@ -92,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         help="serve the client's Prometheus metrics on 127.0.0.1:PORT while running",
     )
     predict.add_argument(
         "--metrics-linger-s",
-        type=float,
+        type=_non_negative_float,
         default=0.0,
         help="keep the metrics endpoint up this many seconds after the prediction, "
         "so a scraper can read the final values (default: 0)",
@@ -114,16 +170,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: Path, result: dict) -> None:
-    """Write ``result`` through a temporary file and rename, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def check_output_path(path: Path, slide: Path) -> Path:
+    """Return where ``--json`` will write, or raise ``UsageError`` before any work.
+
+    A symbolic link is followed, so the file it points to is replaced and the link
+    kept. A character device or FIFO (``/dev/stdout``, a pipe) is written in
+    place. The target must not be a folder or the slide itself, and its folder
+    must exist.
+    """
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists():
+        mode = target.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise UsageError(
+                f"--json {path} is a folder", "give a file path for the result"
+            )
+        if slide.exists() and target.samefile(slide):
+            raise UsageError(
+                "--json points at the input slide",
+                "give another file path for the result",
+            )
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+            raise UsageError(
+                f"--json {path} is not a regular file",
+                "give a file path for the result",
+            )
+    if not target.parent.is_dir():
+        raise UsageError(
+            f"--json folder {target.parent} does not exist", "create it first"
+        )
+    return target
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` as JSON; a regular file goes through a temporary file and a rename.
+
+    The rename means that no reader ever sees half a file, and an interrupted
+    write leaves the previous file in place.
+    """
+    text = json.dumps(result, indent=2) + "\n"
+    if path.exists() and not path.is_file():
+        with open(path, "w") as stream:
+            stream.write(text)
+        return
     with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     ) as handle:
-        json.dump(result, handle, indent=2)
-        handle.write("\n")
         temporary = Path(handle.name)
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def format_summary(result: dict) -> str:
@@ -171,6 +269,7 @@ def _predict(args: argparse.Namespace) -> int:
     from histomet.client.predict import PredictOptions
     from histomet.client.predict import predict_slide
 
+    output = check_output_path(args.json, args.slide) if args.json is not None else None
     options = PredictOptions(
         url=args.url,
         model=args.model,
@@ -183,17 +282,19 @@ def _predict(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr="127.0.0.1")
+        try:
+            start_http_server(args.metrics_port, addr="127.0.0.1")
+        except OSError as error:
+            raise UsageError(
+                f"cannot serve metrics on 127.0.0.1:{args.metrics_port} ({error.strerror})",
+                "pass a free --metrics-port",
+            ) from error
         _LOGGER.info("client metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
     try:
-        if args.show_paths:
+        with NativeOutputMonitor(_secrets(args)):
             result = predict_slide(args.slide, options)
-        else:
-            secrets = (str(args.slide), str(args.slide.absolute()), args.slide.name)
-            with redacted_native_stderr(secrets):
-                result = predict_slide(args.slide, options)
-        if args.json is not None:
-            _write_json(args.json, result)
+        if output is not None:
+            write_json(output, result)
         if not args.quiet:
             print(format_summary(result), flush=True)
     finally:
@@ -203,6 +304,14 @@ def _predict(args: argparse.Namespace) -> int:
     if result["status"] == "no_tissue":
         return NoTissueError.exit_code
     return 0
+
+
+def _secrets(args: argparse.Namespace) -> tuple[str, ...]:
+    """Return the strings that name the slide, which messages must not show."""
+    if getattr(args, "show_paths", False) or getattr(args, "slide", None) is None:
+        return ()
+    slide = args.slide
+    return (str(slide), str(slide.absolute()), str(slide.resolve()), slide.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     except HistometError as error:
         if args.debug:
             _LOGGER.exception("prediction failed")
-        print(f"histomet-client: error: {error}", file=sys.stderr)
+        message = redact(str(error), _secrets(args))
+        print(f"histomet-client: error: {message}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("histomet-client: interrupted", file=sys.stderr)
@@ -227,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - last resort, one line unless --debug
         if args.debug:
             raise
+        message = redact(str(error), _secrets(args))
         print(
-            f"histomet-client: error: unexpected {type(error).__name__}: {error}. "
+            f"histomet-client: error: unexpected {type(error).__name__}: {message}. "
             "Rerun with --debug for the stack trace",
             file=sys.stderr,
         )

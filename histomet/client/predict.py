@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from histomet.client import metrics
+from histomet.client.native_output import NativeOutputMonitor
+from histomet.client.native_output import active_monitor
 from histomet.client.served_model import ServedModel
 from histomet.client.served_model import connect
 from histomet.client.served_model import describe
@@ -25,6 +27,7 @@ from histomet.errors import HistometError
 from histomet.errors import InferenceError
 from histomet.errors import InputError
 from histomet.errors import SlideNotFoundError
+from histomet.errors import SlideReadError
 from histomet.slide import detect_tissue
 from histomet.slide import iter_tile_batches
 from histomet.slide import open_slide
@@ -119,6 +122,21 @@ def _model_section(served: ServedModel) -> dict:
     }
 
 
+def _check_decode_errors(
+    monitor: NativeOutputMonitor | None, mark: int, display_name: str
+) -> None:
+    """Raise if a native reader reported a decode error since ``mark``."""
+    if monitor is None:
+        return
+    errors = monitor.decode_errors_since(mark)
+    if errors:
+        raise SlideReadError(
+            f"the slide reader reported {len(errors)} decode errors in {display_name}, "
+            f"first: {errors[0]!r}",
+            "the file is corrupt or truncated; no prediction was made",
+        )
+
+
 def _no_tissue_result(
     result: dict, model_spec, timings: dict[str, float], started: float
 ) -> dict:
@@ -164,6 +182,13 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
                 "check the path (paths are not printed unless --show-paths is given, "
                 "because file names can hold patient identifiers)",
             )
+        if not (path.is_file() or path.is_dir()):
+            raise InputError(
+                f"{display_name} is not a regular file or folder",
+                "give a slide file or a DICOM WSI folder",
+            )
+        monitor = active_monitor()
+        output_mark = monitor.mark() if monitor is not None else 0
         # The slide is opened first, so a bad file or a missing MPP is reported
         # without a server, and before any request.
         with open_slide(
@@ -191,6 +216,7 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
                 min_tissue_fraction=model_spec.min_tissue_fraction,
             )
             timings["tissue_s"] = time.perf_counter() - step
+            _check_decode_errors(monitor, output_mark, display_name)
             result = {
                 "schema": RESULT_SCHEMA,
                 "status": "ok",
@@ -223,6 +249,9 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
                 max_in_flight=options.max_in_flight,
                 response_timeout_s=options.timeout_s,
             )
+        # A reader that printed a decode error may have returned made-up pixels,
+        # so the prediction is discarded.
+        _check_decode_errors(monitor, output_mark, display_name)
 
         if abs(stream.risk_threshold - model_spec.risk_threshold) > 1e-6:
             raise InputError(

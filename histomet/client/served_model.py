@@ -92,6 +92,14 @@ def describe(
             "check that the repository holds the histomet ensemble and its models",
         ) from error
 
+    if config.get("platform") != "ensemble" or spec.PARAM_TILE_PX not in config.get(
+        "parameters", {}
+    ):
+        raise ModelConfigError(
+            f"model {model_name!r} is not a HistoMet ensemble",
+            f"pass --model {spec.ENSEMBLE_MODEL}, or the name of an ensemble written "
+            "by `histomet export`",
+        )
     parameters = config.get("parameters", {})
 
     def get(key: str) -> str:

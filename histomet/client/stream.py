@@ -177,7 +177,8 @@ def stream_slide(
             raise InferenceError(
                 f"model {model!r} failed a request of sequence {sequence_id}: "
                 f"{_message(error)}",
-                "retry the slide; if it fails again, read the server log",
+                "no prediction was made; retry the slide, and if it fails again, "
+                "read the server log",
             )
         if not first_response_s:
             first_response_s = received - started
@@ -196,7 +197,14 @@ def stream_slide(
             while not window.acquire(timeout=0.05):
                 collect(block=False, timeout_s=0.0)
             end = tiles_sent + count >= n_tiles
-            _send(client, model, model_version, batch, sent, sequence_id, end)
+            try:
+                _send(client, model, model_version, batch, sent, sequence_id, end)
+            except InferenceServerException as error:
+                raise InferenceError(
+                    f"lost the stream to model {model!r} during sequence "
+                    f"{sequence_id} ({_stream_failure(responses, error)})",
+                    "no prediction was made; retry the slide when the server is back",
+                ) from error
             sent_at[str(sent)] = time.perf_counter()
             sent += 1
             tiles_sent += count
@@ -217,6 +225,19 @@ def stream_slide(
     return _assemble(
         outputs, sent, sequence_id, n_tiles, reader.read_s, stream_s, first_response_s
     )
+
+
+def _stream_failure(responses: queue.Queue, send_error: Exception) -> str:
+    """Return the cause of a broken stream, which the callback reports before send fails."""
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            _, _, _, error = responses.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if error is not None:
+            return _message(error)
+    return _message(send_error)
 
 
 def _message(error: Exception) -> str:

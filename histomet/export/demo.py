@@ -17,6 +17,7 @@ from histomet.export.onnx import export_encoder
 from histomet.export.onnx import export_mil_step
 from histomet.export.repository import ExportedGraphs
 from histomet.export.repository import ServingOptions
+from histomet.export.repository import check_repository_target
 from histomet.export.repository import write_repository
 from histomet.models.concepts import load_concepts
 from histomet.models.encoder import EncoderConfig
@@ -111,6 +112,7 @@ def export_demo(
     options: ServingOptions | None = None,
 ) -> spec.ModelSpec:
     """Export the demo version and write the ``cpu`` target repository to ``repository``."""
+    check_repository_target(repository)
     if work_dir is not None:
         graphs, model_spec = export_demo_graphs(work_dir, encoder=encoder, seed=seed)
         return write_repository(repository, graphs, model_spec, options)

@@ -357,6 +357,34 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def check_repository_target(repository: Path) -> Path:
+    """Return the resolved repository folder, created if missing, or raise if unusable.
+
+    Called before an export starts, so a bad path fails in a second rather than
+    after the encoder has been exported.
+    """
+    repository = repository.resolve()
+    if repository.exists() and not repository.is_dir():
+        raise ExportError(
+            f"repository path {repository} is a file", "give a folder path"
+        )
+    for parent in repository.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(
+                    f"repository path {repository} lies under the file {parent}",
+                    "give a folder path",
+                )
+            break
+    repository.parent.mkdir(parents=True, exist_ok=True)
+    writable = repository if repository.is_dir() else repository.parent
+    if not os.access(writable, os.W_OK):
+        raise ExportError(
+            f"folder {writable} is not writable", "give another --repository"
+        )
+    return repository
+
+
 def write_repository(
     repository: Path,
     graphs: ExportedGraphs,
@@ -395,11 +423,11 @@ def write_repository(
         **{**asdict(spec_), "encoder_max_batch": options.encoder_max_batch}
     )
 
-    repository = repository.resolve()
-    repository.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{repository.name}.", dir=repository.parent)
-    )
+    repository = check_repository_target(repository)
+    # Stage on the target's own file system (inside it when it exists, which
+    # also covers a mount point), so the final moves are renames.
+    staging_parent = repository if repository.is_dir() else repository.parent
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=staging_parent))
     try:
         models = {
             spec.ENCODER_MODEL: (

@@ -16,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -34,10 +35,15 @@ from dataclasses import field
 from pathlib import Path
 
 from histomet.errors import ServerUnavailableError
+from histomet.spec import ENSEMBLE_MODEL
 
 _LOGGER = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+# Triton waits this long for in-flight requests when asked to stop; the
+# launcher's own limit before SIGKILL leaves it a margin.
+EXIT_TIMEOUT_S = 20
+STOP_TIMEOUT_S = 40.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,7 @@ def server_command(config: ServerConfig, backend_dir: Path) -> list[str]:
         "--model-control-mode=explicit",
         "--strict-readiness=true",
         "--exit-on-error=true",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         f"--log-verbose={config.log_verbose}",
     ]
     command += [f"--load-model={name}" for name in config.load_models]
@@ -168,24 +175,81 @@ def free_port(address: str = LOOPBACK) -> int:
 
 
 def check_ports_free(config: ServerConfig) -> None:
-    """Raise if any of the server's ports is already bound on its address.
+    """Raise if the ports repeat, or if any is already bound on the server's address.
 
     Without this check a second server fails to bind while the first one answers
-    the readiness probe, and the caller talks to the wrong server.
+    the readiness probe, and the caller talks to the wrong server. The probe sets
+    SO_REUSEADDR as Triton does, so sockets of a stopped server that linger in
+    TIME_WAIT do not count as taken.
     """
-    for label, port in (
-        ("gRPC", config.grpc_port),
-        ("HTTP", config.http_port),
-        ("metrics", config.metrics_port),
-    ):
+    ports = {
+        "gRPC": config.grpc_port,
+        "HTTP": config.http_port,
+        "metrics": config.metrics_port,
+    }
+    if len(set(ports.values())) != len(ports):
+        raise ServerUnavailableError(
+            "the gRPC, HTTP and metrics ports must differ, got "
+            + ", ".join(f"{label} {port}" for label, port in ports.items()),
+            "pass three different ports",
+        )
+    for label, port in ports.items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((config.address, port))
+                probe.listen()
             except OSError as error:
                 raise ServerUnavailableError(
-                    f"{label} port {config.address}:{port} is already in use ({error.strerror})",
-                    f"stop the process that holds it or pass another --{label.lower()}-port",
+                    f"{label} port {config.address}:{port} is already in use "
+                    f"({error.strerror})",
+                    f"stop the process that holds it or pass another "
+                    f"--{label.lower()}-port",
                 ) from error
+
+
+def check_repository(repository: Path) -> None:
+    """Raise unless ``repository`` is a folder that holds the HistoMet ensemble."""
+    if not repository.is_dir():
+        raise ServerUnavailableError(
+            f"model repository not found: {repository}",
+            "build one with: histomet export demo --repository DIR",
+        )
+    ensemble_config = repository / ENSEMBLE_MODEL / "config.pbtxt"
+    if not ensemble_config.is_file():
+        raise ServerUnavailableError(
+            f"model repository {repository} has no {ENSEMBLE_MODEL!r} ensemble "
+            f"({ensemble_config.relative_to(repository)} is missing)",
+            "build one with: histomet export demo --repository DIR",
+        )
+
+
+def _process_group_members(pgid: int) -> list[int]:
+    """Return the pids whose process group is ``pgid``, read from /proc."""
+    members = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command name: state, ppid, pgrp.
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            members.append(int(stat_path.parent.name))
+    return members
+
+
+def _shared_memory_regions(pids: list[int]) -> list[Path]:
+    """Return the /dev/shm regions named on the command lines of Python-backend stubs."""
+    regions = []
+    for pid in pids:
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for argument in arguments:
+            if argument.startswith(b"triton_python_backend_shm_region_"):
+                regions.append(Path("/dev/shm") / argument.decode())
+    return regions
 
 
 def _terminate_with_parent() -> None:
@@ -258,11 +322,7 @@ class LocalTritonServer:
     def start(self) -> None:
         """Start the server and block until it reports ready."""
         repository = self.config.repository
-        if not repository.is_dir():
-            raise ServerUnavailableError(
-                f"model repository not found: {repository}",
-                "build one with: histomet export demo --repository DIR",
-            )
+        check_repository(repository)
         check_ports_free(self.config)
         backend_dir = prepare_backend_dir()
         command = server_command(self.config, backend_dir)
@@ -270,6 +330,7 @@ class LocalTritonServer:
         _LOGGER.debug("command: %s", " ".join(command))
         output = None
         if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_path, "ab")  # noqa: SIM115
             output = self._log_handle
         self._process = subprocess.Popen(
@@ -296,11 +357,18 @@ class LocalTritonServer:
             self.metrics_url,
         )
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """Stop the server with SIGTERM, then SIGKILL after ``timeout_s``."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """Stop the server with SIGTERM, then SIGKILL after ``timeout_s``.
+
+        Whatever the server left behind in its process group (Python-backend
+        stubs orphaned by a killed server) is killed too, and their shared
+        memory regions are removed.
+        """
         process = self._process
         if process is None:
             return None
+        stubs = _process_group_members(process.pid) if sys.platform == "linux" else []
+        regions = _shared_memory_regions(stubs)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -311,10 +379,23 @@ class LocalTritonServer:
                 )
                 process.kill()
                 process.wait()
+        leftovers = (
+            _process_group_members(process.pid) if sys.platform == "linux" else []
+        )
+        if leftovers:
+            _LOGGER.warning(
+                "killing %d processes that tritonserver left behind", len(leftovers)
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for region in regions:
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
         _LOGGER.info("tritonserver stopped with code %s", process.returncode)
+        self._process = None
         return process.returncode
 
     def __enter__(self) -> LocalTritonServer:

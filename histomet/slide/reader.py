@@ -27,6 +27,7 @@ from PIL import Image
 from histomet.errors import MissingMppError
 from histomet.errors import SlideNotFoundError
 from histomet.errors import SlideOpenError
+from histomet.errors import SlideReadError
 from histomet.errors import UnsupportedImageError
 from histomet.slide.backends import BackendOpenError
 from histomet.slide.backends import CucimBackend
@@ -221,7 +222,17 @@ class Slide:
         if right <= left or bottom <= top:
             return region
 
-        pixels = self._backend.read_level(level, left, top, right - left, bottom - top)
+        try:
+            pixels = self._backend.read_level(
+                level, left, top, right - left, bottom - top
+            )
+        except Exception as error:  # noqa: BLE001 - each reader raises its own types
+            raise SlideReadError(
+                f"{self.info.reader} failed to decode {self.display_name} at level "
+                f"{level}, region ({left}, {top}, {right - left}x{bottom - top}): "
+                f"{type(error).__name__}: {error}",
+                "the file is corrupt or truncated; no prediction was made",
+            ) from error
         region[top - y_level : bottom - y_level, left - x_level : right - x_level] = (
             composite_on_white(pixels)
         )
