@@ -34,14 +34,21 @@ trap 'kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || tr
 # Wait for readiness, or for the server process to fail.
 for _ in $(seq 1 720); do
   if ! kill -0 "$server" 2>/dev/null; then
-    echo "histomet: error: the server exited during start-up; see outputs/tritonserver.log" >&2
+    echo "histomet: error: the server did not start (see the message above and" \
+      "outputs/tritonserver.log). Ports come from HISTOMET_GRPC_PORT," \
+      "HISTOMET_HTTP_PORT and HISTOMET_METRICS_PORT" >&2
     exit 4
   fi
-  if "$bin/python" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$http_port/v2/health/ready', timeout=1)" 2>/dev/null; then
+  if "$bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$http_port/v2/health/ready', timeout=1)" 2>/dev/null; then
+    ready=1
     break
   fi
   sleep 0.5
 done
+if [[ -z "${ready:-}" ]]; then
+  echo "histomet: error: the server was not ready after 6 minutes; see outputs/tritonserver.log" >&2
+  exit 4
+fi
 
 "$bin/histomet-client" predict "$slide" --url "127.0.0.1:$grpc_port" \
   --json outputs/prediction.json
