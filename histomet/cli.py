@@ -17,19 +17,11 @@ import sys
 import threading
 from pathlib import Path
 
+from histomet.arguments import port_number
+from histomet.arguments import positive_float
 from histomet.errors import HistometError
 
 _LOGGER = logging.getLogger(__name__)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 1 to 65535, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,20 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--repository", type=Path, required=True, help="model repository"
     )
     serve.add_argument(
-        "--grpc-port", type=_port, default=8001, help="gRPC port (default: 8001)"
+        "--grpc-port", type=port_number, default=8001, help="gRPC port (default: 8001)"
     )
     serve.add_argument(
-        "--http-port", type=_port, default=8000, help="HTTP port (default: 8000)"
+        "--http-port", type=port_number, default=8000, help="HTTP port (default: 8000)"
     )
     serve.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port_number,
         default=8002,
         help="Prometheus metrics port (default: 8002)",
     )
     serve.add_argument(
         "--startup-timeout-s",
-        type=float,
+        type=positive_float,
         default=180.0,
         help="seconds to wait for the server to become ready (default: 180)",
     )

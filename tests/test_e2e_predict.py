@@ -15,10 +15,9 @@ import pytest
 from histomet import spec
 from histomet.client.predict import PredictOptions
 from histomet.client.predict import predict_slide
-from histomet.slide import detect_tissue
 from histomet.slide import iter_tile_batches
 from histomet.slide import open_slide
-from histomet.slide import plan_tiles
+from histomet.slide import plan_slide_tiles
 
 from .conftest import CMU_SMALL
 
@@ -52,11 +51,8 @@ def cli_result(
 def reference_outputs(graphs, model_spec) -> dict[str, np.ndarray]:
     """Compute the slide's outputs in-process with ONNX Runtime, the bag in one step."""
     with open_slide(CMU_SMALL) as slide:
-        thumbnail, downsample = slide.thumbnail(2048)
-        mask = detect_tissue(thumbnail, downsample=downsample, mpp=slide.info.mpp)
-        grid = plan_tiles(
-            slide.info,
-            mask,
+        _, grid = plan_slide_tiles(
+            slide,
             tile_px=model_spec.tile_px,
             target_mpp=model_spec.target_mpp,
             min_tissue_fraction=model_spec.min_tissue_fraction,

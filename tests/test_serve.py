@@ -318,10 +318,9 @@ def test_server_killed_mid_slide_gives_no_prediction(tiny_repository):
     from histomet.client.served_model import connect
     from histomet.client.stream import stream_slide
     from histomet.errors import InferenceError
-    from histomet.slide import detect_tissue
     from histomet.slide import iter_tile_batches
     from histomet.slide import open_slide
-    from histomet.slide import plan_tiles
+    from histomet.slide import plan_slide_tiles
 
     from .conftest import CMU_SMALL
 
@@ -336,9 +335,7 @@ def test_server_killed_mid_slide_gives_no_prediction(tiny_repository):
     try:
         client = connect(server.grpc_url)
         with open_slide(CMU_SMALL) as slide:
-            thumbnail, downsample = slide.thumbnail(2048)
-            mask = detect_tissue(thumbnail, downsample=downsample, mpp=slide.info.mpp)
-            grid = plan_tiles(slide.info, mask, tile_px=512, target_mpp=0.5)
+            _, grid = plan_slide_tiles(slide, tile_px=512, target_mpp=0.5)
 
             def batches_then_kill():
                 for index, batch in enumerate(iter_tile_batches(slide, grid, 2)):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import stat
 import sys
@@ -18,6 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from histomet.arguments import port_number
+from histomet.arguments import positive_float
+from histomet.arguments import positive_int
 from histomet.client.native_output import NativeOutputMonitor
 from histomet.client.native_output import redact
 from histomet.errors import HistometError
@@ -29,33 +31,13 @@ from histomet.slide.mpp import MIN_PLAUSIBLE_MPP
 _LOGGER = logging.getLogger(__name__)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
-
-
 def _mpp(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if not MIN_PLAUSIBLE_MPP <= value <= MAX_PLAUSIBLE_MPP:
         raise argparse.ArgumentTypeError(
             f"{text} µm/px is outside the plausible range {MIN_PLAUSIBLE_MPP} to "
             f"{MAX_PLAUSIBLE_MPP} (about 0.25 at 40x, 0.5 at 20x)"
         )
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 1 to 65535, got {value}")
     return value
 
 
@@ -68,26 +50,19 @@ def _grpc_url(text: str) -> str:
     if not separator or not host:
         raise argparse.ArgumentTypeError(f"{text!r} lacks a host or a port; {hint}")
     try:
-        _port(port)
+        port_number(port)
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}; {hint}") from None
     return text
 
 
 def _non_negative_float(text: str) -> float:
-    if text in ("0", "0.0"):
-        return 0.0
-    return _positive_float(text)
-
-
-def _positive_int(text: str) -> int:
     try:
-        value = int(text)
+        if float(text) == 0.0:
+            return 0.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+        pass
+    return positive_float(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,19 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help="tiles per request, capped by the encoder's max_batch_size (default: 16)",
     )
     predict.add_argument(
         "--timeout-s",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         help="seconds to wait for each response before failing the slide (default: 600)",
     )
     predict.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port_number,
         help="serve the client's Prometheus metrics on 127.0.0.1:PORT while running",
     )
     predict.add_argument(

@@ -28,10 +28,9 @@ from histomet.errors import InferenceError
 from histomet.errors import InputError
 from histomet.errors import SlideNotFoundError
 from histomet.errors import SlideReadError
-from histomet.slide import detect_tissue
 from histomet.slide import iter_tile_batches
 from histomet.slide import open_slide
-from histomet.slide import plan_tiles
+from histomet.slide import plan_slide_tiles
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -206,14 +205,12 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
             timings["connect_s"] = time.perf_counter() - step
 
             step = time.perf_counter()
-            thumbnail, downsample = slide.thumbnail(THUMBNAIL_MAX_PX)
-            mask = detect_tissue(thumbnail, downsample=downsample, mpp=info.mpp)
-            grid = plan_tiles(
-                info,
-                mask,
+            mask, grid = plan_slide_tiles(
+                slide,
                 tile_px=model_spec.tile_px,
                 target_mpp=model_spec.target_mpp,
                 min_tissue_fraction=model_spec.min_tissue_fraction,
+                thumbnail_max_px=THUMBNAIL_MAX_PX,
             )
             timings["tissue_s"] = time.perf_counter() - step
             _check_decode_errors(monitor, output_mark, display_name)

@@ -238,6 +238,19 @@ def _process_group_members(pgid: int) -> list[int]:
     return members
 
 
+def _live_members(pgid: int) -> list[int]:
+    """Return the members of process group ``pgid`` that are not zombies."""
+    live = []
+    for pid in _process_group_members(pgid):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            live.append(pid)
+    return live
+
+
 def _shared_memory_regions(pids: list[int]) -> list[Path]:
     """Return the /dev/shm regions named on the command lines of Python-backend stubs."""
     regions = []
@@ -388,6 +401,9 @@ class LocalTritonServer:
             )
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _live_members(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         for region in regions:
             with contextlib.suppress(FileNotFoundError):
                 region.unlink()

@@ -24,6 +24,7 @@ from histomet.slide.tiling import TileBatch
 from histomet.slide.tiling import TileGrid
 from histomet.slide.tiling import choose_read_level
 from histomet.slide.tiling import iter_tile_batches
+from histomet.slide.tiling import plan_slide_tiles
 from histomet.slide.tiling import plan_tiles
 from histomet.slide.tissue import TissueMask
 from histomet.slide.tissue import detect_tissue
@@ -44,6 +45,7 @@ __all__ = [
     "iter_tile_batches",
     "mpp_from_resolution",
     "open_slide",
+    "plan_slide_tiles",
     "plan_tiles",
     "slide_id_for_path",
 ]

@@ -13,6 +13,7 @@ from PIL import Image
 from histomet.slide.reader import Slide
 from histomet.slide.reader import SlideInfo
 from histomet.slide.tissue import TissueMask
+from histomet.slide.tissue import detect_tissue
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -216,3 +217,28 @@ def resize_tile(region: np.ndarray, tile_px: int) -> np.ndarray:
 
     image = Image.fromarray(region)
     return np.asarray(image.resize((tile_px, tile_px), Image.Resampling.BICUBIC))
+
+
+def plan_slide_tiles(
+    slide: Slide,
+    *,
+    tile_px: int,
+    target_mpp: float,
+    min_tissue_fraction: float = 0.25,
+    thumbnail_max_px: int = 2048,
+) -> tuple[TissueMask, TileGrid]:
+    """Find tissue on a thumbnail of ``slide`` and plan its tile grid.
+
+    The thumbnail's long side is at most ``thumbnail_max_px``; the grid follows
+    :func:`plan_tiles`. An empty grid is returned, not raised.
+    """
+    thumbnail, downsample = slide.thumbnail(thumbnail_max_px)
+    mask = detect_tissue(thumbnail, downsample=downsample, mpp=slide.info.mpp)
+    grid = plan_tiles(
+        slide.info,
+        mask,
+        tile_px=tile_px,
+        target_mpp=target_mpp,
+        min_tissue_fraction=min_tissue_fraction,
+    )
+    return mask, grid
