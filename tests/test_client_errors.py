@@ -282,3 +282,26 @@ def test_blank_slide_reports_no_tissue(triton_server, tmp_path):
     assert result["risk"] is None
     assert result["slide"]["tiles"] == 0
     assert ensemble_requests(triton_server) == before
+
+
+def test_model_not_ready_exit_4(tiny_repository):
+    """The server is up but the ensemble is unloaded: one line, exit 4, nothing sent."""
+    import tritonclient.grpc as grpcclient
+
+    from histomet.serve.launcher import LocalTritonServer
+    from histomet.serve.launcher import ServerConfig
+
+    config = ServerConfig(
+        repository=tiny_repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+    with LocalTritonServer(config) as server:
+        grpcclient.InferenceServerClient(server.grpc_url).unload_model("histomet")
+
+        line = assert_one_line_error(
+            run_client("predict", str(CMU_SMALL), "--url", server.grpc_url), 4
+        )
+
+    assert "model 'histomet' is not ready on the server" in line
