@@ -367,3 +367,53 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_stalled_server_times_out(tiny_repository):
+    """A frozen server (SIGSTOP) gives a deadline error within the response timeout."""
+    import signal
+
+    from histomet.client.served_model import connect
+    from histomet.client.stream import stream_slide
+    from histomet.errors import InferenceError
+    from histomet.slide import iter_tile_batches
+    from histomet.slide import open_slide
+    from histomet.slide import plan_slide_tiles
+
+    from .conftest import CMU_SMALL
+
+    config = ServerConfig(
+        repository=tiny_repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+    server = LocalTritonServer(config)
+    server.start()
+    try:
+        client = connect(server.grpc_url)
+        with open_slide(CMU_SMALL) as slide:
+            _, grid = plan_slide_tiles(slide, tile_px=512, target_mpp=0.5)
+
+            def batches_then_freeze():
+                for index, batch in enumerate(iter_tile_batches(slide, grid, 2)):
+                    if index == 2:
+                        server.process.send_signal(signal.SIGSTOP)
+                    yield batch
+
+            started = time.monotonic()
+            with pytest.raises(InferenceError) as raised:
+                stream_slide(
+                    client,
+                    spec.ENSEMBLE_MODEL,
+                    batches_then_freeze(),
+                    grid.n_tiles,
+                    response_timeout_s=3,
+                )
+            elapsed_s = time.monotonic() - started
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
+    assert "within 3 s" in str(raised.value)
+    assert raised.value.exit_code == 4
+    assert elapsed_s < 10

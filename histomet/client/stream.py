@@ -161,17 +161,21 @@ def stream_slide(
     sent = 0
     tiles_sent = 0
 
+    def timed_out() -> InferenceError:
+        return InferenceError(
+            f"no response from model {model!r} within {response_timeout_s:.0f} s "
+            f"(sequence {sequence_id})",
+            "no prediction was made; raise --timeout-s or check the server's load "
+            "and log",
+        )
+
     def collect(block: bool, timeout_s: float) -> None:
         nonlocal first_response_s
         try:
             received, request_id, result, error = responses.get(block, timeout_s)
         except queue.Empty:
             if block:
-                raise InferenceError(
-                    f"no response from model {model!r} within {timeout_s:.0f} s "
-                    f"(sequence {sequence_id})",
-                    "raise --timeout-s or check the server's load and log",
-                ) from None
+                raise timed_out() from None
             return
         if error is not None:
             raise InferenceError(
@@ -194,9 +198,18 @@ def stream_slide(
                     f"tile batch at offset {batch.offset} follows {tiles_sent} tiles",
                     "this is a bug in the tile reader; report it",
                 )
+            if tiles_sent + count > n_tiles:
+                raise InferenceError(
+                    f"the tile reader produced more than the {n_tiles} planned tiles",
+                    "the slide may have changed while it was read; retry",
+                )
+            # Wait for a place in the window, but no longer than one response may take.
+            waited_since = time.monotonic()
             while not window.acquire(timeout=0.05):
                 collect(block=False, timeout_s=0.0)
-            end = tiles_sent + count >= n_tiles
+                if time.monotonic() - waited_since > response_timeout_s:
+                    raise timed_out()
+            end = tiles_sent + count == n_tiles
             try:
                 _send(client, model, model_version, batch, sent, sequence_id, end)
             except InferenceServerException as error:
