@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Argument parser whose errors are one line, like every other error of the tools."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}. See --help\n")
 
 
 def port_number(text: str) -> int:

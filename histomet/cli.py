@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from histomet.arguments import OneLineErrorParser
 from histomet.arguments import port_number
 from histomet.arguments import positive_float
 from histomet.errors import HistometError
@@ -24,17 +25,31 @@ from histomet.errors import HistometError
 _LOGGER = logging.getLogger(__name__)
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"seed must be 0 to 2**32-1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="histomet", description="Build HistoMet model repositories and serve them."
     )
     parser.add_argument(
         "--debug", action="store_true", help="show stack traces and debug logs"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=OneLineErrorParser
+    )
 
     export = commands.add_parser("export", help="export models to a Triton repository")
-    export_kinds = export.add_subparsers(dest="kind", required=True)
+    export_kinds = export.add_subparsers(
+        dest="kind", required=True, parser_class=OneLineErrorParser
+    )
     demo = export_kinds.add_parser(
         "demo", help="the demo version: seeded random weights, cpu target"
     )
@@ -48,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="full: CONCH-sized ViT-B/16 at 448 px; tiny: the same architecture "
         "scaled down, for tests (default: full)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    demo.add_argument(
+        "--seed", type=_seed, default=0, help="weight seed, 0 to 2**32-1 (default: 0)"
+    )
     demo.add_argument(
         "--work-dir",
         type=Path,
@@ -120,7 +137,14 @@ def _serve(args: argparse.Namespace) -> int:
             return 4
         stop.wait(0.5)
     code = server.stop()
-    print(f"histomet: tritonserver stopped (exit code {code})", flush=True)
+    if code != 0:
+        print(
+            f"histomet: error: tritonserver stopped with exit code {code}. "
+            "Read its log for the cause",
+            file=sys.stderr,
+        )
+        return 4
+    print("histomet: tritonserver stopped", flush=True)
     return 0
 
 

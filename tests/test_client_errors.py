@@ -305,3 +305,19 @@ def test_model_not_ready_exit_4(tiny_repository):
         )
 
     assert "model 'histomet' is not ready on the server" in line
+
+
+def test_library_log_lines_are_redacted(tmp_path):
+    """tifffile names the file in its warnings; the client's log filter replaces it."""
+    data = bytearray(CMU_SMALL.read_bytes())
+    data[4:8] = bytes(4)  # first IFD offset: no pages
+    slide = tmp_path / "patient-0042-ifd0.svs"
+    slide.write_bytes(data)
+
+    quiet = run_client("predict", str(slide), "--url", "127.0.0.1:1")
+    debug = run_client("--debug", "predict", str(slide), "--url", "127.0.0.1:1")
+
+    assert_one_line_error(quiet, 3)
+    assert debug.returncode == 3
+    assert "<slide>" in debug.stderr
+    assert "patient-0042" not in debug.stderr + debug.stdout

@@ -152,3 +152,73 @@ def test_mismatched_encoder_and_mil_widths_rejected(tiny_export, tmp_path):
     with pytest.raises(ExportError, match="width"):
         write_repository(tmp_path / "repo", mismatched, model_spec)
     assert not (tmp_path / "repo").exists()
+
+
+def test_composing_models_name_their_export(tiny_repository):
+    ensemble = load_config(tiny_repository, spec.ENSEMBLE_MODEL).parameters
+    digest = ensemble[spec.PARAM_MANIFEST_SHA256].string_value
+    for name in (spec.ENCODER_MODEL, spec.RISK_MODEL, spec.SITE_MODEL):
+        parameters = load_config(tiny_repository, name).parameters
+        onnx_path = tiny_repository / name / "1" / "model.onnx"
+        assert parameters[spec.PARAM_MANIFEST_SHA256].string_value == digest, name
+        assert parameters["onnx_sha256"].string_value == sha256_file(onnx_path), name
+
+
+def test_tampered_graph_fails_to_load(tiny_repository, tmp_path):
+    import shutil
+
+    from histomet.errors import ServerUnavailableError
+    from histomet.serve.launcher import LocalTritonServer
+    from histomet.serve.launcher import ServerConfig
+    from histomet.serve.launcher import free_port
+
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repository)
+    with open(repository / spec.RISK_MODEL / "1" / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    log_path = tmp_path / "server.log"
+    config = ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+
+    with pytest.raises(ServerUnavailableError, match="during start-up"):
+        LocalTritonServer(config, log_path=log_path).start()
+    assert "the repository mixes two exports" in log_path.read_text()
+
+
+def test_client_rejects_models_from_two_exports(tiny_export, tmp_path):
+    import shutil
+
+    from histomet.client.predict import PredictOptions
+    from histomet.client.predict import predict_slide
+    from histomet.errors import ModelConfigError
+    from histomet.export.demo import export_demo_graphs
+    from histomet.serve.launcher import LocalTritonServer
+    from histomet.serve.launcher import ServerConfig
+    from histomet.serve.launcher import free_port
+
+    from .conftest import CMU_SMALL
+
+    graphs, model_spec = tiny_export
+    repository = tmp_path / "repo"
+    write_repository(repository, graphs, model_spec)
+    other_graphs, other_spec = export_demo_graphs(
+        tmp_path / "seed1", encoder="tiny", seed=1
+    )
+    other = tmp_path / "other"
+    write_repository(other, other_graphs, other_spec)
+    shutil.rmtree(repository / spec.RISK_MODEL)
+    shutil.copytree(other / spec.RISK_MODEL, repository / spec.RISK_MODEL)
+    config = ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+
+    with LocalTritonServer(config) as server:
+        with pytest.raises(ModelConfigError, match="mixes two exports"):
+            predict_slide(CMU_SMALL, PredictOptions(url=server.grpc_url))

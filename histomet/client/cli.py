@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import stat
 import sys
@@ -17,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from histomet.arguments import OneLineErrorParser
 from histomet.arguments import port_number
 from histomet.arguments import positive_float
 from histomet.arguments import positive_int
 from histomet.client.native_output import NativeOutputMonitor
+from histomet.client.native_output import RedactingFilter
 from histomet.client.native_output import redact
 from histomet.errors import HistometError
 from histomet.errors import NoTissueError
@@ -58,20 +61,23 @@ def _grpc_url(text: str) -> str:
 
 def _non_negative_float(text: str) -> float:
     try:
-        if float(text) == 0.0:
-            return 0.0
+        value = float(text)
     except ValueError:
-        pass
-    return positive_float(text)
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of 0 or more, got {text}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="histomet-client",
         description="Predict metastasis risk, and site for high-risk slides, "
         "from a whole-slide image through a Triton server.",
     )
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = OneLineErrorParser(add_help=False)
     debug.add_argument(
         "--debug",
         action="store_true",
@@ -81,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show stack traces and debug logs"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=OneLineErrorParser
+    )
 
     predict = commands.add_parser("predict", help="predict one slide", parents=[debug])
     predict.add_argument("slide", type=Path, help="slide file, or DICOM WSI folder")
@@ -174,6 +182,17 @@ def check_output_path(path: Path, slide: Path) -> Path:
         raise UsageError(
             f"--json folder {target.parent} does not exist", "create it first"
         )
+    if not target.exists() or target.is_file():
+        # Create and remove a file where the result will go, so a read-only or
+        # full folder fails now rather than after the prediction.
+        try:
+            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".histomet-"):
+                pass
+        except OSError as error:
+            raise UsageError(
+                f"cannot write to the --json folder {target.parent} ({error.strerror})",
+                "give a writable path",
+            ) from error
     return target
 
 
@@ -269,7 +288,13 @@ def _predict(args: argparse.Namespace) -> int:
         with NativeOutputMonitor(_secrets(args)):
             result = predict_slide(args.slide, options)
         if output is not None:
-            write_json(output, result)
+            try:
+                write_json(output, result)
+            except OSError as error:
+                raise HistometError(
+                    f"cannot write the result to --json {args.json} ({error.strerror})",
+                    "free space or give another path, then run again",
+                ) from error
         if not args.quiet:
             print(format_summary(result), flush=True)
     finally:
@@ -296,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.debug:
+        # tifffile warns about odd files the readers then reject with a clear error.
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
+    redacting = RedactingFilter(_secrets(args))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
     try:
         if args.command == "predict":
             return _predict(args)

@@ -53,6 +53,30 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+class RedactingFilter(logging.Filter):
+    """Logging filter that replaces the slide's path and name in every record.
+
+    Libraries log file names too (tifffile names the file in its warnings), so
+    the client installs this on its log handlers.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = tuple(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message, self.secrets)
+        if redacted != message:
+            record.msg = redacted
+            record.args = ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        return True
+
+
 def active_monitor() -> NativeOutputMonitor | None:
     """Return the monitor installed in this process, if any."""
     return _active

@@ -82,9 +82,13 @@ def describe(
         config = client.get_model_config(
             model_name, as_json=True, client_timeout=timeout_s
         )["config"]
-        encoder = client.get_model_config(
-            spec.ENCODER_MODEL, as_json=True, client_timeout=timeout_s
-        )["config"]
+        composing = {
+            name: client.get_model_config(name, as_json=True, client_timeout=timeout_s)[
+                "config"
+            ]
+            for name in (spec.ENCODER_MODEL, spec.RISK_MODEL, spec.SITE_MODEL)
+        }
+        encoder = composing[spec.ENCODER_MODEL]
         server = client.get_server_metadata(as_json=True, client_timeout=timeout_s)
     except InferenceServerException as error:
         raise ModelConfigError(
@@ -129,6 +133,18 @@ def describe(
             f"encoder max_batch_size is {model_spec.encoder_max_batch}",
             "the patch encoder must batch; re-export the repository",
         )
+    for name, model_config in composing.items():
+        served_digest = (
+            model_config.get("parameters", {})
+            .get(spec.PARAM_MANIFEST_SHA256, {})
+            .get("string_value", "")
+        )
+        if served_digest != model_spec.manifest_sha256:
+            raise ModelConfigError(
+                f"model {name!r} belongs to export {served_digest[:12] or 'unknown'}, "
+                f"but the ensemble to export {model_spec.manifest_sha256[:12]}",
+                "the repository mixes two exports; export it again and reload",
+            )
     versions = metadata.get("versions") or ["?"]
     return ServedModel(
         name=model_name,

@@ -18,12 +18,16 @@ inside, because the embedded server has no other backend.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict
 from dataclasses import dataclass
 from importlib import resources
@@ -39,6 +43,7 @@ from histomet.errors import ExportError
 _LOGGER = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+PARAM_ONNX_SHA256 = "onnx_sha256"
 
 
 @dataclass(frozen=True)
@@ -447,6 +452,16 @@ def write_repository(
             ),
         }
         for name, (config, graph, backend_file) in models.items():
+            # Each model names the export it belongs to and its graph's checksum:
+            # the model checks the checksum when it loads, and the client checks
+            # that all four models come from one export.
+            _set_parameters(
+                config,
+                {
+                    spec.PARAM_MANIFEST_SHA256: digest,
+                    PARAM_ONNX_SHA256: manifest["files_sha256"][f"{name}/model.onnx"],
+                },
+            )
             version_dir = staging / name / str(version)
             version_dir.mkdir(parents=True)
             _write_config(staging / name, config)
@@ -466,12 +481,32 @@ def write_repository(
         )
         (ensemble_dir / MANIFEST_NAME).write_text(manifest_text + "\n")
 
-        _replace_directory(staging, repository)
+        with _signals_deferred():
+            _replace_directory(staging, repository)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _LOGGER.info("wrote model repository %s (manifest %s)", repository, digest[:12])
     return spec_
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs, so Ctrl-C cannot split a swap.
+
+    The swap renames one folder per model. Interrupted between two renames, the
+    repository would mix two exports. Signals that arrive meanwhile are
+    delivered when the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

@@ -203,7 +203,8 @@ def check_ports_free(config: ServerConfig) -> None:
                 raise ServerUnavailableError(
                     f"{label} port {config.address}:{port} is already in use "
                     f"({error.strerror})",
-                    f"stop the process that holds it or pass another "
+                    f"stop the process that holds it (a server stopped moments ago "
+                    f"may need up to {STOP_TIMEOUT_S:.0f} s) or pass another "
                     f"--{label.lower()}-port",
                 ) from error
 
@@ -281,6 +282,7 @@ def wait_until_ready(
     http_url: str,
     timeout_s: float,
     process: subprocess.Popen[bytes] | None = None,
+    log_hint: str = "the server log",
 ) -> None:
     """Poll ``/v2/health/ready`` until it answers 200 or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
@@ -289,7 +291,8 @@ def wait_until_ready(
         if process is not None and process.poll() is not None:
             raise ServerUnavailableError(
                 f"tritonserver exited with code {process.returncode} during start-up",
-                "read the server log above; a model that fails to load stops the server",
+                f"read {log_hint} for the cause; a model that fails to load stops "
+                "the server",
             )
         try:
             with urllib.request.urlopen(
@@ -356,8 +359,9 @@ class LocalTritonServer:
         )
         started = time.monotonic()
         try:
+            log_hint = str(self.log_path) if self.log_path else "the server log above"
             wait_until_ready(
-                self.http_url, self.config.startup_timeout_s, self._process
+                self.http_url, self.config.startup_timeout_s, self._process, log_hint
             )
         except BaseException:
             self.stop()

@@ -22,6 +22,7 @@ A request that fails in the risk model never reaches the site model, so the
 site model's state for that sequence is dropped by the same idle sweep.
 """
 
+import hashlib
 import json
 import os
 import threading
@@ -32,6 +33,20 @@ import onnxruntime
 import triton_python_backend_utils as pb_utils
 
 _EMPTY_STATE_MAX = np.float32(-3.4028234663852886e38)
+
+
+def _check_checksum(model_path, expected, model_name):
+    """Raise unless the graph's SHA-256 is the one its config names."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if expected and digest.hexdigest() != expected:
+        raise pb_utils.TritonModelException(
+            f"{model_name}: model.onnx has SHA-256 {digest.hexdigest()[:12]}, but its "
+            f"config expects {expected[:12]}; the repository mixes two exports, so "
+            "export it again"
+        )
 
 
 def _parameters(model_config):
@@ -80,6 +95,7 @@ class TritonPythonModel:
         model_path = os.path.join(
             args["model_repository"], args["model_version"], "model.onnx"
         )
+        _check_checksum(model_path, parameters.get("onnx_sha256", ""), self.model_name)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_threads", "1"))
         options.inter_op_num_threads = 1

@@ -6,12 +6,27 @@ requests to one ``execute`` call, and their tiles run as one ONNX Runtime batch.
 It needs only numpy, onnxruntime and the backend's own utilities.
 """
 
+import hashlib
 import json
 import os
 
 import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
+
+
+def _check_checksum(model_path, expected, model_name):
+    """Raise unless the graph's SHA-256 is the one its config names."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if expected and digest.hexdigest() != expected:
+        raise pb_utils.TritonModelException(
+            f"{model_name}: model.onnx has SHA-256 {digest.hexdigest()[:12]}, but its "
+            f"config expects {expected[:12]}; the repository mixes two exports, so "
+            "export it again"
+        )
 
 
 def _parameters(model_config):
@@ -27,6 +42,9 @@ class TritonPythonModel:
         parameters = _parameters(config)
         model_path = os.path.join(
             args["model_repository"], args["model_version"], "model.onnx"
+        )
+        _check_checksum(
+            model_path, parameters.get("onnx_sha256", ""), args["model_name"]
         )
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
