@@ -21,6 +21,9 @@ SITE_MODEL = "site_mil"
 # index of the first tile of the request within the slide's bag, int64 [1].
 TILES = "TILES"
 TILE_OFFSET = "TILE_OFFSET"
+# TILE_OFFSET of an abort: a request that ends the sequence and drops its state
+# without a prediction, sent by a client that gives up on a slide.
+ABORT_OFFSET = -1
 
 # Encoder outputs, float32 [N, 512] each.
 EMBEDDING = "EMBEDDING"

@@ -417,3 +417,50 @@ def test_stalled_server_times_out(tiny_repository):
     assert "within 3 s" in str(raised.value)
     assert raised.value.exit_code == 4
     assert elapsed_s < 10
+
+
+def test_failed_slide_aborts_its_sequence(triton_server):
+    """A slide that fails client-side frees its server state at once, not at the idle timeout."""
+    from histomet.client.served_model import connect
+    from histomet.client.stream import stream_slide
+    from histomet.errors import InferenceError
+    from histomet.slide import iter_tile_batches
+    from histomet.slide import open_slide
+    from histomet.slide import plan_slide_tiles
+
+    from .conftest import CMU_SMALL
+
+    baseline = active_sequences(triton_server)
+    client = connect(triton_server.grpc_url)
+    with open_slide(CMU_SMALL) as slide:
+        _, grid = plan_slide_tiles(slide, tile_px=512, target_mpp=0.5)
+        with pytest.raises(InferenceError, match="expected"):
+            # One tile more than the reader yields: no request carries the end flag.
+            stream_slide(
+                client,
+                spec.ENSEMBLE_MODEL,
+                iter_tile_batches(slide, grid, 4),
+                grid.n_tiles + 1,
+            )
+    after = active_sequences(triton_server)
+
+    assert after[spec.RISK_MODEL] == baseline[spec.RISK_MODEL]
+    assert after[spec.SITE_MODEL] == baseline[spec.SITE_MODEL]
+
+
+def test_server_error_mid_slide_aborts_both_models(triton_server):
+    """After a request fails in the risk model, the abort also frees the site model."""
+    baseline = active_sequences(triton_server)
+    responses = stream_requests(
+        triton_server,
+        [
+            {"sequence_id": 907, "start": True, "offset": 0, "n": 2},
+            {"sequence_id": 907, "offset": 9, "n": 2},
+            {"sequence_id": 907, "offset": spec.ABORT_OFFSET, "n": 1, "end": True},
+        ],
+    )
+    after = active_sequences(triton_server)
+
+    assert responses[1][1] is not None
+    assert responses[2][1] is None
+    assert after == baseline

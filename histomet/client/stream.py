@@ -160,6 +160,7 @@ def stream_slide(
     first_response_s = 0.0
     sent = 0
     tiles_sent = 0
+    tile_shape: tuple[int, ...] = ()
 
     def timed_out() -> InferenceError:
         return InferenceError(
@@ -219,6 +220,7 @@ def stream_slide(
                     "no prediction was made; retry the slide when the server is back",
                 ) from error
             sent_at[str(sent)] = time.perf_counter()
+            tile_shape = batch.tiles.shape[1:]
             sent += 1
             tiles_sent += count
             # Drain whatever has arrived, so errors surface early.
@@ -231,13 +233,50 @@ def stream_slide(
             )
         while len(outputs) < sent:
             collect(block=True, timeout_s=response_timeout_s)
-    finally:
+    except BaseException:
         reader.stop()
-        client.stop_stream(cancel_requests=len(outputs) < sent)
+        client.stop_stream(cancel_requests=True)
+        if sent:
+            _abort(client, model, model_version, sequence_id, tile_shape)
+        raise
+    reader.stop()
+    client.stop_stream()
     stream_s = time.perf_counter() - started
     return _assemble(
         outputs, sent, sequence_id, n_tiles, reader.read_s, stream_s, first_response_s
     )
+
+
+def _abort(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    model_version: str,
+    sequence_id: int,
+    tile_shape: tuple[int, ...],
+    timeout_s: float = 5.0,
+) -> None:
+    """End a failed sequence on the server now, instead of at the idle timeout.
+
+    Best effort: a server that is gone, or a sequence the server already ended,
+    makes the abort fail, which is logged and otherwise ignored.
+    """
+    tiles = np.zeros((1, *tile_shape), dtype=np.uint8)
+    tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
+    tiles_input.set_data_from_numpy(tiles)
+    offset_input = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
+    offset_input.set_data_from_numpy(np.array([spec.ABORT_OFFSET], dtype=np.int64))
+    try:
+        client.infer(
+            model,
+            [tiles_input, offset_input],
+            model_version=model_version,
+            sequence_id=sequence_id,
+            sequence_end=True,
+            client_timeout=timeout_s,
+        )
+        _LOGGER.info("aborted sequence %d on the server", sequence_id)
+    except InferenceServerException as error:
+        _LOGGER.info("could not abort sequence %d: %s", sequence_id, _message(error))
 
 
 def _stream_failure(responses: queue.Queue, send_error: Exception) -> str:

@@ -14,12 +14,15 @@ Safety rules, each of which fails the request rather than pooling a wrong bag:
   request of that sequence;
 * a request for a correlation id with no state (never started, already ended,
   or idle for longer than ``sequence_idle_timeout_s``) fails;
+* a request with TILE_OFFSET -1 (an abort, sent by a client that gives up on
+  the slide) ends the sequence and drops its state in both models at once;
 * state idle for longer than ``sequence_idle_timeout_s`` is dropped by a
   background sweep, so a client that dies mid-slide does not leak memory even
   when no other request arrives.
 
 A request that fails in the risk model never reaches the site model, so the
-site model's state for that sequence is dropped by the same idle sweep.
+client sends an abort after any failure; without one (a client that dies), the
+idle sweep drops the state.
 """
 
 import hashlib
@@ -33,6 +36,8 @@ import onnxruntime
 import triton_python_backend_utils as pb_utils
 
 _EMPTY_STATE_MAX = np.float32(-3.4028234663852886e38)
+# TILE_OFFSET of a request that ends the sequence without a prediction.
+ABORT_OFFSET = -1
 
 
 def _check_checksum(model_path, expected, model_name):
@@ -104,6 +109,8 @@ class TritonPythonModel:
         )
         weighted_input = self.session.get_inputs()[4]
         self.hidden_dim = int(weighted_input.shape[0])
+        self.n_concepts = int(self.session.get_outputs()[4].shape[1])
+        self.n_outputs = int(self.session.get_outputs()[5].shape[0])
         self.states = {}
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -233,6 +240,28 @@ class TritonPythonModel:
         with self.lock:
             return self._execute(requests)
 
+    def _abort(self, request, corrid):
+        """Drop the sequence's state and answer with zeros of the declared shapes.
+
+        The answer is a success, so that the ensemble passes the abort on to the
+        site model, which drops its state too. The client discards it.
+        """
+        self.states.pop(corrid, None)
+        pb_utils.Logger.log_info(
+            f"{self.model_name}: sequence {corrid} aborted by the client"
+        )
+        n = pb_utils.get_input_tensor_by_name(request, "EMBEDDING").as_numpy().shape[0]
+        attention = np.zeros([n], dtype=np.float32)
+        concepts = np.zeros([n, self.n_concepts], dtype=np.float32)
+        probabilities = np.zeros([self.n_outputs], dtype=np.float32)
+        if self.role == "risk":
+            tensors = self._risk_outputs(attention, concepts, probabilities, 0)
+            # A zero probability is not high risk, whatever the threshold.
+            tensors[1] = pb_utils.Tensor("RISK_HIGH", np.array([False]))
+        else:
+            tensors = self._site_outputs(request, False, attention, probabilities)
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
     def _execute(self, requests):
         self._expire_idle(time.monotonic())
         responses = []
@@ -240,6 +269,9 @@ class TritonPythonModel:
             start = bool(_scalar(request, "START"))
             end = bool(_scalar(request, "END"))
             corrid = _scalar(request, "CORRID", int)
+            if _scalar(request, "TILE_OFFSET", int) == ABORT_OFFSET:
+                responses.append(self._abort(request, corrid))
+                continue
             try:
                 attention, concepts, probabilities, tiles = self._pool(
                     request, corrid, start, end
