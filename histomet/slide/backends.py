@@ -90,9 +90,10 @@ class CucimBackend:
         except ImportError as error:
             raise BackendOpenError(f"cuCIM is not installed ({error})") from error
 
-        # NOTE: cuCIM and its libtiff print some warnings, with the file path, to
-        # stderr from C++. Python logging cannot filter them, so they can reach
-        # logs that capture stderr.
+        # NOTE: cuCIM and its libtiff print warnings and decode errors, with the
+        # file path, to descriptors 1 and 2 from C++. Python logging cannot filter
+        # them; histomet-client captures and redacts both descriptors, but other
+        # callers of this module see them raw.
         try:
             self._image = CuImage(str(path))
         except (ValueError, RuntimeError) as error:
@@ -201,6 +202,8 @@ class OpenSlideBackend:
         """
         downsample = self._downsamples[level]
         location = (round(x_level * downsample), round(y_level * downsample))
+        # NOTE: OpenSlide 4.0.1 recovers from some corrupt JPEG data without
+        # raising or printing, so such damage reaches the pixels unreported.
         region = self._slide.read_region(location, level, (width, height))
         return np.asarray(region)
 
