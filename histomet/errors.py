@@ -2,7 +2,7 @@
 
 Each error renders as one line, ``<what failed>: <value>. <what to do>``, which the
 command-line tools print without a stack trace unless ``--debug`` is given. The
-exit code tells a batch runner which kind of failure it was.
+exit code identifies the kind of failure for a batch runner.
 """
 
 from __future__ import annotations

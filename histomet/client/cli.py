@@ -229,15 +229,18 @@ def format_summary(result: dict) -> str:
         f"slide   {slide['id']}  reader {slide['reader']}  {slide['mpp']:.3f} µm/px "
         f"({slide['mpp_source']})  {slide['tiles']} tiles of {slide['tile_px']} px"
     )
+
     if result["status"] == "no_tissue":
         lines.append(f"result  {result['message']}")
         return "\n".join(lines)
+
     risk = result["risk"]
     decision = "HIGH RISK" if risk["high_risk"] else "low risk"
     lines.append(
         f"risk    {risk['probability']:.4f}  threshold {risk['threshold']:.4f} "
         f"(operating point for {risk['sensitivity_target']:.0%} sensitivity): {decision}"
     )
+
     site = result["site"]
     if site["evaluated"]:
         ranked = sorted(site["probabilities"].items(), key=lambda item: -item[1])
@@ -248,6 +251,7 @@ def format_summary(result: dict) -> str:
         f"model   {model['name']} {model['version']} (Triton version {model['triton_version']}, "
         f"manifest {model['manifest_sha256'][:12]})"
     )
+
     timing = result["timing_s"]
     lines.append(
         f"time    {timing['total_s']:.1f} s total: tissue {timing['tissue_s']:.1f} s, "

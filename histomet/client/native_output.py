@@ -13,8 +13,8 @@ prediction can check for decode errors before it returns a result. Python's own
 ``sys.stdout``, ``sys.stderr`` and logging handlers move to the real
 descriptors meanwhile and stay immediate and unfiltered.
 
-NOTE: the descriptors belong to the process, so lines cannot be told apart by
-slide when several slides are read at once. A decode error then fails every
+NOTE: the descriptors belong to the process, so lines cannot be attributed to
+one slide when several slides are read at once. A decode error then fails every
 slide whose reads overlapped it, which errs on the safe side.
 """
 

@@ -4,7 +4,7 @@ A reader thread fills a bounded queue with tile batches while the sender keeps
 at most ``max_in_flight`` requests on the server, so tile reading overlaps
 inference and memory stays bounded by the queue and the window, whatever the
 slide's size. Each request carries ``TILE_OFFSET``, the index of its first tile
-in the bag; the server's MIL models reject a request whose offset does not
+in the bag. The server's MIL models reject a request whose offset does not
 follow the tiles pooled so far, so a lost or reordered batch fails the slide
 instead of changing its prediction.
 """
@@ -257,26 +257,37 @@ def _abort(
 ) -> None:
     """End a failed sequence on the server now, instead of at the idle timeout.
 
-    Best effort: a server that is gone, or a sequence the server already ended,
-    makes the abort fail, which is logged and otherwise ignored.
+    The abort goes first as the sequence's last request. When the stream was
+    cancelled, Triton's sequence batcher may have ended the sequence already
+    while the models still hold its state, and rejects a request without the
+    start flag, so the abort is then sent again as a sequence of its own.
+    Best effort: a server that is gone makes the abort fail, which is logged and
+    otherwise ignored.
     """
     tiles = np.zeros((1, *tile_shape), dtype=np.uint8)
     tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
     tiles_input.set_data_from_numpy(tiles)
     offset_input = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
     offset_input.set_data_from_numpy(np.array([spec.ABORT_OFFSET], dtype=np.int64))
-    try:
-        client.infer(
-            model,
-            [tiles_input, offset_input],
-            model_version=model_version,
-            sequence_id=sequence_id,
-            sequence_end=True,
-            client_timeout=timeout_s,
-        )
+    for sequence_start in (False, True):
+        try:
+            client.infer(
+                model,
+                [tiles_input, offset_input],
+                model_version=model_version,
+                sequence_id=sequence_id,
+                sequence_start=sequence_start,
+                sequence_end=True,
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as error:
+            message = _message(error)
+            if not sequence_start and "START flag" in message:
+                continue
+            _LOGGER.info("could not abort sequence %d: %s", sequence_id, message)
+            return
         _LOGGER.info("aborted sequence %d on the server", sequence_id)
-    except InferenceServerException as error:
-        _LOGGER.info("could not abort sequence %d: %s", sequence_id, _message(error))
+        return
 
 
 def _stream_failure(responses: queue.Queue, send_error: Exception) -> str:

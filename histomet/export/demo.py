@@ -1,7 +1,7 @@
 """Build the demo model version and write it as a Triton repository.
 
 The demo version has seeded random weights: its predictions carry no clinical
-meaning, and every output made with it says so (``demo_weights`` in the served
+meaning, and every output made with it states that (``demo_weights`` in the served
 config). Real weights come from user-supplied checkpoints.
 """
 
@@ -42,7 +42,7 @@ def demo_encoder_config(encoder: str) -> EncoderConfig:
     """Return the encoder shape for ``full`` (CONCH ViT-B/16) or ``tiny`` (tests).
 
     The tiny tower still takes 512 px tiles, so a test tiles a slide exactly as
-    production does; only the tower behind the in-graph resize is smaller.
+    production does. Only the tower behind the in-graph resize is smaller.
     """
     if encoder == "full":
         return EncoderConfig(input_tile_px=DEMO_TILE_PX)

@@ -1,6 +1,6 @@
 """Write a Triton model repository for the ``cpu`` target from exported ONNX graphs.
 
-The repository holds four models:
+The repository contains four models:
 
 * ``patch_encoder``: stateless, dynamic batching, uint8 tiles in, embeddings out;
 * ``risk_mil`` and ``site_mil``: sequence batching, one sequence per slide, online
@@ -135,6 +135,7 @@ def encoder_config(
         backend="python",
         max_batch_size=options.encoder_max_batch,
     )
+
     config.input.add(
         name=spec.TILES,
         data_type=mc.TYPE_UINT8,
@@ -142,6 +143,7 @@ def encoder_config(
     )
     config.output.add(name=spec.EMBEDDING, data_type=mc.TYPE_FP32, dims=[embed_dim])
     config.output.add(name=spec.PROJECTED, data_type=mc.TYPE_FP32, dims=[proj_dim])
+
     # preserve_ordering keeps one slide's requests in the order they were sent
     # when they leave the encoder for the stateful MIL models.
     config.dynamic_batching.preferred_batch_size.extend(
@@ -154,6 +156,7 @@ def encoder_config(
     config.instance_group.add(
         count=options.encoder_instances, kind=mc.ModelInstanceGroup.KIND_CPU
     )
+
     _set_parameters(
         config,
         {

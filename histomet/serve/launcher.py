@@ -116,7 +116,7 @@ def prepare_backend_dir(cache_dir: Path | None = None) -> Path:
         target = python_dir / name
         if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
             continue
-        # Copy through a temporary name so a concurrent start never sees half a file.
+        # Copy through a temporary name so a concurrent start never reads half a file.
         with tempfile.NamedTemporaryFile(dir=python_dir, delete=False) as handle:
             temporary = Path(handle.name)
         shutil.copy2(source, temporary)
@@ -177,7 +177,7 @@ def free_port(address: str = LOOPBACK) -> int:
 def check_ports_free(config: ServerConfig) -> None:
     """Raise if the ports repeat, or if any is already bound on the server's address.
 
-    Without this check a second server fails to bind while the first one answers
+    Without this check a second server fails to bind while the first one responds to
     the readiness probe, and the caller talks to the wrong server. The probe sets
     SO_REUSEADDR as Triton does, so sockets of a stopped server that linger in
     TIME_WAIT do not count as taken.
@@ -210,7 +210,7 @@ def check_ports_free(config: ServerConfig) -> None:
 
 
 def check_repository(repository: Path) -> None:
-    """Raise unless ``repository`` is a folder that holds the HistoMet ensemble."""
+    """Raise unless ``repository`` is a folder that contains the HistoMet ensemble."""
     if not repository.is_dir():
         raise ServerUnavailableError(
             f"model repository not found: {repository}",
@@ -284,7 +284,7 @@ def wait_until_ready(
     process: subprocess.Popen[bytes] | None = None,
     log_hint: str = "the server log",
 ) -> None:
-    """Poll ``/v2/health/ready`` until it answers 200 or ``timeout_s`` passes."""
+    """Poll ``/v2/health/ready`` until it returns 200 or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     last_error = "no answer"
     while time.monotonic() < deadline:
@@ -340,10 +340,12 @@ class LocalTritonServer:
         repository = self.config.repository
         check_repository(repository)
         check_ports_free(self.config)
+
         backend_dir = prepare_backend_dir()
         command = server_command(self.config, backend_dir)
         _LOGGER.info("starting tritonserver for repository %s", repository)
         _LOGGER.debug("command: %s", " ".join(command))
+
         output = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +359,7 @@ class LocalTritonServer:
             start_new_session=True,
             preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
         )
+
         started = time.monotonic()
         try:
             log_hint = str(self.log_path) if self.log_path else "the server log above"

@@ -5,7 +5,7 @@ The repository writer copies this file to ``risk_mil/<version>/model.py`` and
 produces. Each slide is one sequence. The sequence batcher supplies the control
 inputs START, END and CORRID, and this model keeps the online-softmax state
 (running max, running sum of exponentials, running weighted feature sum) per
-correlation id, so no request ever holds more than its own batch of tiles.
+correlation id, so no request ever contains more than its own batch of tiles.
 
 Safety rules, each of which fails the request rather than pooling a wrong bag:
 
@@ -241,9 +241,9 @@ class TritonPythonModel:
             return self._execute(requests)
 
     def _abort(self, request, corrid):
-        """Drop the sequence's state and answer with zeros of the declared shapes.
+        """Drop the sequence's state and respond with zeros of the declared shapes.
 
-        The answer is a success, so that the ensemble passes the abort on to the
+        The response is a success, so that the ensemble passes the abort on to the
         site model, which drops its state too. The client discards it.
         """
         self.states.pop(corrid, None)

@@ -3,7 +3,8 @@
 The repository writer copies this file to ``patch_encoder/<version>/model.py``
 next to ``model.onnx``. It is stateless: the dynamic batcher may hand several
 requests to one ``execute`` call, and their tiles run as one ONNX Runtime batch.
-It needs only numpy, onnxruntime and the backend's own utilities.
+It needs only numpy, onnxruntime and the backend's own utilities, so it
+repeats the two small helpers of ``mil.py`` rather than import a shared module.
 """
 
 import hashlib
