@@ -321,3 +321,58 @@ def test_library_log_lines_are_redacted(tmp_path):
     assert debug.returncode == 3
     assert "<slide>" in debug.stderr
     assert "patient-0042" not in debug.stderr + debug.stdout
+
+
+def test_empty_slide_argument_exit_2():
+    completed = run_client("predict", "")
+
+    assert completed.returncode == 2
+    assert "must not be empty" in completed.stderr
+
+
+def test_file_name_not_utf8_is_handled(tmp_path):
+    name = os.fsdecode(b"patient-0042-\xff.svs")
+    slide = tmp_path / name
+    slide.write_text("not a slide\n")
+
+    line = assert_one_line_error(run_client("predict", str(slide)), 3)
+
+    assert "patient-0042" not in line
+
+
+def test_json_to_standard_output_through_a_pipe(triton_server):
+    completed = run_client(
+        "predict", str(CMU_SMALL), "--url", triton_server.grpc_url, "--json", "-"
+    )
+
+    result = json.loads(completed.stdout)
+    assert completed.returncode == 0, completed.stderr
+    assert result["slide"]["tiles"] == 14
+    assert "DEMO WEIGHTS" in completed.stderr
+
+
+def test_json_appended_to_redirected_stdout(triton_server, tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("earlier line\n")
+    with open(log, "a") as stream:
+        completed = subprocess.run(
+            [
+                str(CLIENT),
+                "predict",
+                str(CMU_SMALL),
+                "--url",
+                triton_server.grpc_url,
+                "--json",
+                "/dev/stdout",
+                "--quiet",
+            ],
+            stdout=stream,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+
+    text = log.read_text()
+    assert completed.returncode == 0, completed.stderr
+    assert text.startswith("earlier line\n")
+    assert json.loads(text[len("earlier line\n") :])["status"] == "ok"

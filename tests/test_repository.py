@@ -222,3 +222,22 @@ def test_client_rejects_models_from_two_exports(tiny_export, tmp_path):
     with LocalTritonServer(config) as server:
         with pytest.raises(ModelConfigError, match="mixes two exports"):
             predict_slide(CMU_SMALL, PredictOptions(url=server.grpc_url))
+
+
+def test_interrupted_export_leftovers_removed_and_reported(tiny_export, tmp_path):
+    from histomet.errors import ServerUnavailableError
+    from histomet.serve.launcher import check_repository
+
+    graphs, model_spec = tiny_export
+    repository = tmp_path / "repo"
+    write_repository(repository, graphs, model_spec)
+    (repository / ".staging-abc123").mkdir()
+    (repository / ".risk_mil.old").mkdir()
+
+    with pytest.raises(ServerUnavailableError, match="interrupted export"):
+        check_repository(repository)
+    write_repository(repository, graphs, model_spec)
+
+    assert not (repository / ".staging-abc123").exists()
+    assert not (repository / ".risk_mil.old").exists()
+    check_repository(repository)

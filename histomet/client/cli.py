@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import stat
 import sys
 import tempfile
@@ -42,6 +43,16 @@ def _mpp(text: str) -> float:
             f"{MAX_PLAUSIBLE_MPP} (about 0.25 at 40x, 0.5 at 20x)"
         )
     return value
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _non_empty_path(text: str) -> Path:
+    return Path(_non_empty(text))
 
 
 def _grpc_url(text: str) -> str:
@@ -92,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     predict = commands.add_parser("predict", help="predict one slide", parents=[debug])
-    predict.add_argument("slide", type=Path, help="slide file, or DICOM WSI folder")
+    predict.add_argument(
+        "slide", type=_non_empty_path, help="slide file, or DICOM WSI folder"
+    )
     predict.add_argument(
         "--url",
         type=_grpc_url,
@@ -100,10 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Triton gRPC address HOST:PORT (default: 127.0.0.1:8001)",
     )
     predict.add_argument(
-        "--model", default="histomet", help="ensemble name (default: histomet)"
+        "--model",
+        type=_non_empty,
+        default="histomet",
+        help="ensemble name (default: histomet)",
     )
     predict.add_argument(
-        "--json", type=Path, help="write the result as JSON to this file"
+        "--json",
+        type=_non_empty_path,
+        help="write the result as JSON to this file; - for standard output",
     )
     predict.add_argument(
         "--mpp",
@@ -153,14 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Paths that name an open descriptor of this process; written in place, never
+# resolved or renamed over, so a pipe or an appended log file keeps working.
+_DESCRIPTOR_PATHS = {"-": 1, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def _descriptor(path: Path) -> int | None:
+    text = str(path)
+    if text in _DESCRIPTOR_PATHS:
+        return _DESCRIPTOR_PATHS[text]
+    for prefix in ("/dev/fd/", "/proc/self/fd/"):
+        if text.startswith(prefix) and text[len(prefix) :].isdigit():
+            return int(text[len(prefix) :])
+    return None
+
+
 def check_output_path(path: Path, slide: Path) -> Path:
     """Return where ``--json`` will write, or raise ``UsageError`` before any work.
 
-    A symbolic link is followed, so the file it points to is replaced and the link
-    kept. A character device or FIFO (``/dev/stdout``, a pipe) is written in
+    ``-``, ``/dev/stdout``, ``/dev/stderr`` and ``/dev/fd/N`` are written to
+    that descriptor. Another symbolic link is followed, so the file it points to
+    is replaced and the link kept. A character device or FIFO is written in
     place. The target must not be a folder or the slide itself, and its folder
-    must exist.
+    must exist and be writable.
     """
+    if _descriptor(path) is not None:
+        return path
     target = path.resolve() if path.is_symlink() else path
     if target.exists():
         mode = target.stat().st_mode
@@ -200,9 +236,17 @@ def write_json(path: Path, result: dict) -> None:
     """Write ``result`` as JSON; a regular file goes through a temporary file and a rename.
 
     The rename means that no reader ever sees half a file, and an interrupted
-    write leaves the previous file in place.
+    write leaves the previous file in place. Descriptors, devices and FIFOs are
+    written in place.
     """
     text = json.dumps(result, indent=2) + "\n"
+    descriptor = _descriptor(path)
+    if descriptor is not None:
+        sys.stdout.flush()
+        data = text.encode()
+        while data:
+            data = data[os.write(descriptor, data) :]
+        return
     if path.exists() and not path.is_file():
         with open(path, "w") as stream:
             stream.write(text)
@@ -213,6 +257,10 @@ def write_json(path: Path, result: dict) -> None:
         temporary = Path(handle.name)
     try:
         temporary.write_text(text)
+        # NamedTemporaryFile creates the file 0600; give it the usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        temporary.chmod(0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -300,7 +348,10 @@ def _predict(args: argparse.Namespace) -> int:
                     "free space or give another path, then run again",
                 ) from error
         if not args.quiet:
-            print(format_summary(result), flush=True)
+            # With the JSON on standard output, the summary goes to stderr.
+            to_stdout = output is None or _descriptor(output) != 1
+            print(format_summary(result), file=sys.stdout if to_stdout else sys.stderr)
+            sys.stdout.flush()
     finally:
         # The metrics stay readable after success and after failure alike.
         if args.metrics_port is not None and args.metrics_linger_s > 0:
@@ -311,11 +362,28 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _secrets(args: argparse.Namespace) -> tuple[str, ...]:
-    """Return the strings that name the slide, which messages must not show."""
+    """Return the strings that name the slide, which messages must not show.
+
+    A path with a newline is also split into its lines, because native readers
+    print it across lines. Fragments under 3 characters are skipped, so that
+    redaction never replaces ordinary text such as ".".
+    """
     if getattr(args, "show_paths", False) or getattr(args, "slide", None) is None:
         return ()
     slide = args.slide
-    return (str(slide), str(slide.absolute()), str(slide.resolve()), slide.name)
+    names = {str(slide), str(slide.absolute()), str(slide.resolve()), slide.name}
+    fragments = {line for name in names for line in name.splitlines()}
+    # Libraries print a name that is not valid UTF-8 in its escaped repr form.
+    escaped = {repr(name)[1:-1] for name in names}
+    return tuple(sorted(s for s in names | fragments | escaped if len(s) >= 3))
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived; raised so that clean-up (the abort of a sequence) runs."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise _Terminated(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         # tifffile warns about odd files the readers then reject with a clear error.
         logging.getLogger("tifffile").setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     redacting = RedactingFilter(_secrets(args))
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
@@ -338,16 +407,19 @@ def main(argv: list[str] | None = None) -> int:
     except HistometError as error:
         if args.debug:
             _LOGGER.exception("prediction failed")
-        message = redact(str(error), _secrets(args))
+        message = " ".join(redact(str(error), _secrets(args)).split())
         print(f"histomet-client: error: {message}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("histomet-client: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("histomet-client: terminated", file=sys.stderr)
+        return 143
     except Exception as error:  # noqa: BLE001 - last resort, one line unless --debug
         if args.debug:
             raise
-        message = redact(str(error), _secrets(args))
+        message = " ".join(redact(str(error), _secrets(args)).split())
         print(
             f"histomet-client: error: unexpected {type(error).__name__}: {message}. "
             "Rerun with --debug for the stack trace",

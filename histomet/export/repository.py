@@ -44,6 +44,7 @@ _LOGGER = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 PARAM_ONNX_SHA256 = "onnx_sha256"
+STAGING_PREFIX = ".staging-"
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,21 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def interrupted_export_leftovers(folder: Path) -> list[Path]:
+    """Return the staging and replaced-model folders that a killed export left in ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.is_dir()
+        and (
+            entry.name.startswith(STAGING_PREFIX)
+            or (entry.name.startswith(".") and entry.name.endswith(".old"))
+        )
+    )
+
+
 def check_repository_target(repository: Path) -> Path:
     """Return the resolved repository folder, created if missing, or raise if unusable.
 
@@ -435,7 +451,10 @@ def write_repository(
     # Stage on the target's own file system (inside it when it exists, which
     # also covers a mount point), so the final moves are renames.
     staging_parent = repository if repository.is_dir() else repository.parent
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=staging_parent))
+    for leftover in interrupted_export_leftovers(staging_parent):
+        _LOGGER.warning("removing %s, left by an interrupted export", leftover.name)
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
     try:
         models = {
             spec.ENCODER_MODEL: (

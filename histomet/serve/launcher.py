@@ -216,6 +216,15 @@ def check_repository(repository: Path) -> None:
             f"model repository not found: {repository}",
             "build one with: histomet export demo --repository DIR",
         )
+    from histomet.export.repository import interrupted_export_leftovers
+
+    leftovers = [entry.name for entry in interrupted_export_leftovers(repository)]
+    if leftovers:
+        raise ServerUnavailableError(
+            f"model repository {repository} contains {', '.join(leftovers)}, "
+            "left by an interrupted export, so it may mix two exports",
+            "run histomet export again, which removes them",
+        )
     ensemble_config = repository / ENSEMBLE_MODEL / "config.pbtxt"
     if not ensemble_config.is_file():
         raise ServerUnavailableError(

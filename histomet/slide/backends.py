@@ -96,7 +96,8 @@ class CucimBackend:
         # callers of this module see them raw.
         try:
             self._image = CuImage(str(path))
-        except (ValueError, RuntimeError) as error:
+        except (ValueError, RuntimeError, TypeError) as error:
+            # TypeError: cuCIM takes only paths that encode as UTF-8.
             reason = scrub_path(str(error), path)
             raise BackendOpenError(reason) from error
 

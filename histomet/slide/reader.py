@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -78,8 +79,9 @@ class SlideInfo:
 
 def slide_id_for_path(path: str | PathLike[str]) -> str:
     """Return a short hash of the absolute path, the slide's name in logs."""
-    absolute = str(Path(path).absolute())
-    return hashlib.sha256(absolute.encode("utf-8")).hexdigest()[:12]
+    # fsencode keeps file names that are not valid UTF-8 hashable.
+    absolute = os.fsencode(Path(path).absolute())
+    return hashlib.sha256(absolute).hexdigest()[:12]
 
 
 class Slide:
