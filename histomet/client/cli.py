@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         # tifffile warns about odd files the readers then reject with a clear error.
         logging.getLogger("tifffile").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C and kill -INT
+    # must still stop a prediction cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     redacting = RedactingFilter(_secrets(args))
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
