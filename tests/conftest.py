@@ -23,6 +23,19 @@ def shared_slides() -> Path:
     return SHARED_SLIDES
 
 
+def loopback_config(repository: Path, **settings):
+    """Return a server config for ``repository`` on three free loopback ports."""
+    from histomet.serve.launcher import ServerConfig
+
+    return ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        **settings,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory):
     """ONNX graphs and spec of the demo version with the tiny encoder (512 px tiles)."""
@@ -49,15 +62,8 @@ def triton_server(
 ) -> Iterator:
     """A real tritonserver serving the tiny repository on free loopback ports."""
     from histomet.serve.launcher import LocalTritonServer
-    from histomet.serve.launcher import ServerConfig
 
-    config = ServerConfig(
-        repository=tiny_repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        startup_timeout_s=120,
-    )
+    config = loopback_config(tiny_repository, startup_timeout_s=120)
     log_path = tmp_path_factory.mktemp("server-log") / "tritonserver.log"
     server = LocalTritonServer(config, log_path=log_path)
     server.start()

@@ -15,6 +15,7 @@ import tifffile
 
 from .conftest import CMU_SMALL
 from .conftest import free_port
+from .conftest import loopback_config
 
 CLIENT = Path(sys.executable).parent / "histomet-client"
 
@@ -289,14 +290,8 @@ def test_model_not_ready_exit_4(tiny_repository):
     import tritonclient.grpc as grpcclient
 
     from histomet.serve.launcher import LocalTritonServer
-    from histomet.serve.launcher import ServerConfig
 
-    config = ServerConfig(
-        repository=tiny_repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-    )
+    config = loopback_config(tiny_repository)
     with LocalTritonServer(config) as server:
         grpcclient.InferenceServerClient(server.grpc_url).unload_model("histomet")
 

@@ -15,6 +15,8 @@ from histomet.export.repository import ExportedGraphs
 from histomet.export.repository import sha256_file
 from histomet.export.repository import write_repository
 
+from .conftest import loopback_config
+
 MODELS = (spec.ENCODER_MODEL, spec.RISK_MODEL, spec.SITE_MODEL, spec.ENSEMBLE_MODEL)
 
 
@@ -169,20 +171,13 @@ def test_tampered_graph_fails_to_load(tiny_repository, tmp_path):
 
     from histomet.errors import ServerUnavailableError
     from histomet.serve.launcher import LocalTritonServer
-    from histomet.serve.launcher import ServerConfig
-    from histomet.serve.launcher import free_port
 
     repository = tmp_path / "repo"
     shutil.copytree(tiny_repository, repository)
     with open(repository / spec.RISK_MODEL / "1" / "model.onnx", "ab") as handle:
         handle.write(b"\0")
     log_path = tmp_path / "server.log"
-    config = ServerConfig(
-        repository=repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-    )
+    config = loopback_config(repository)
 
     with pytest.raises(ServerUnavailableError, match="during start-up"):
         LocalTritonServer(config, log_path=log_path).start()
@@ -197,8 +192,6 @@ def test_client_rejects_models_from_two_exports(tiny_export, tmp_path):
     from histomet.errors import ModelConfigError
     from histomet.export.demo import export_demo_graphs
     from histomet.serve.launcher import LocalTritonServer
-    from histomet.serve.launcher import ServerConfig
-    from histomet.serve.launcher import free_port
 
     from .conftest import CMU_SMALL
 
@@ -212,12 +205,7 @@ def test_client_rejects_models_from_two_exports(tiny_export, tmp_path):
     write_repository(other, other_graphs, other_spec)
     shutil.rmtree(repository / spec.RISK_MODEL)
     shutil.copytree(other / spec.RISK_MODEL, repository / spec.RISK_MODEL)
-    config = ServerConfig(
-        repository=repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-    )
+    config = loopback_config(repository)
 
     with LocalTritonServer(config) as server:
         with pytest.raises(ModelConfigError, match="mixes two exports"):

@@ -21,6 +21,7 @@ from histomet.serve.launcher import ServerConfig
 from histomet.serve.launcher import _process_group_members
 
 from .conftest import free_port
+from .conftest import loopback_config
 
 
 def metric_value(metrics_url: str, name: str, labels: str) -> float:
@@ -208,12 +209,7 @@ def test_abandoned_sequence_freed_after_idle_timeout(tiny_export, tmp_path):
     write_repository(
         repository, graphs, model_spec, ServingOptions(sequence_idle_timeout_s=2)
     )
-    config = ServerConfig(
-        repository=repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-    )
+    config = loopback_config(repository)
     with LocalTritonServer(config) as server:
         stream_requests(
             server, [{"sequence_id": 904, "start": True, "offset": 0, "n": 1}]
@@ -306,12 +302,7 @@ def test_client_splits_batches_to_encoder_maximum(tiny_export, tmp_path):
     repository = tmp_path / "repo"
     options = ServingOptions(encoder_max_batch=4, encoder_preferred_batches=(4,))
     write_repository(repository, graphs, model_spec, options)
-    config = ServerConfig(
-        repository=repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-    )
+    config = loopback_config(repository)
     with LocalTritonServer(config) as server:
         result = predict_slide(
             CMU_SMALL, PredictOptions(url=server.grpc_url, batch_size=100)
@@ -331,12 +322,7 @@ def test_server_killed_mid_slide_gives_no_prediction(tiny_repository):
 
     from .conftest import CMU_SMALL
 
-    config = ServerConfig(
-        repository=tiny_repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-    )
+    config = loopback_config(tiny_repository)
     server = LocalTritonServer(config)
     server.start()
     try:
@@ -389,12 +375,7 @@ def test_stalled_server_times_out(tiny_repository):
 
     from .conftest import CMU_SMALL
 
-    config = ServerConfig(
-        repository=tiny_repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-    )
+    config = loopback_config(tiny_repository)
     server = LocalTritonServer(config)
     server.start()
     try:

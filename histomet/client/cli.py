@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Paths that name an open descriptor of this process; written in place, never
-# resolved or renamed over, so a pipe or an appended log file keeps working.
+# Paths that name an open descriptor of this process. They are written in place,
+# never resolved or renamed over, so a pipe or an appended log file keeps working.
 _DESCRIPTOR_PATHS = {"-": 1, "/dev/stdout": 1, "/dev/stderr": 2}
 
 
@@ -393,16 +393,20 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
     if not args.debug:
         # tifffile warns about odd files the readers then reject with a clear error.
         logging.getLogger("tifffile").setLevel(logging.ERROR)
+
     signal.signal(signal.SIGTERM, _raise_terminated)
     # A shell starts background jobs with SIGINT ignored; Ctrl-C and kill -INT
     # must still stop a prediction cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
     redacting = RedactingFilter(_secrets(args))
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
+
     try:
         if args.command == "predict":
             return _predict(args)

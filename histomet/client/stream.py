@@ -257,10 +257,10 @@ def _abort(
 ) -> None:
     """End a failed sequence on the server now, instead of at the idle timeout.
 
-    The abort goes first as the sequence's last request. When the stream was
-    cancelled, Triton's sequence batcher may have ended the sequence already
-    while the models still hold its state, and rejects a request without the
-    start flag, so the abort is then sent again as a sequence of its own.
+    The abort goes first as the sequence's last request. A cancelled stream may
+    have ended the sequence in Triton's sequence batcher while the models still
+    hold its state. The batcher then rejects a request without the start flag,
+    so the abort is sent again as a sequence of its own.
     Best effort: a server that is gone makes the abort fail, which is logged and
     otherwise ignored.
     """

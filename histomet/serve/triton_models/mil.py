@@ -2,8 +2,8 @@
 
 The repository writer copies this file to ``risk_mil/<version>/model.py`` and
 ``site_mil/<version>/model.py``. The parameter ``role`` selects which outputs it
-produces. Each slide is one sequence. The sequence batcher supplies the control
-inputs START, END and CORRID, and this model keeps the online-softmax state
+produces. Each slide is one sequence, and the sequence batcher supplies the
+control inputs START, END and CORRID. This model keeps the online-softmax state
 (running max, running sum of exponentials, running weighted feature sum) per
 correlation id, so no request ever contains more than its own batch of tiles.
 
