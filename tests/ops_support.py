@@ -17,12 +17,18 @@ VENV_BIN = Path(sys.executable).parent
 # npm prefix where scripts/install-ops-tools.sh puts the prometheus-operator schemas.
 NODE_TOOLS = VENV_BIN.parent / "ops-tools"
 
-INSTALL_HINT = "run: bash scripts/install-ops-tools.sh (as root for the Debian packages)"
+INSTALL_HINT = (
+    "run: bash scripts/install-ops-tools.sh (as root for the Debian packages)"
+)
 
 # The flags of the production Deployment that change what Triton serves or
 # exposes. The local test servers start with them, so the tests check the
 # flags that the cluster runs.
-LOCAL_TRITON_FLAGS = ("--metrics-config", "--grpc-restricted-protocol", "--http-restricted-api")
+LOCAL_TRITON_FLAGS = (
+    "--metrics-config",
+    "--grpc-restricted-protocol",
+    "--http-restricted-api",
+)
 
 
 def require_tool(name: str) -> Path:

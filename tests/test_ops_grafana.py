@@ -1,10 +1,10 @@
 """Every Grafana panel's query against a real Prometheus fed by a real run.
 
-One module fixture starts, all on 127.0.0.1: the real tritonserver with the
-production Deployment's metrics and restricted-API flags, a Pushgateway, and a
-Prometheus that loads ops/prometheus/prometheus-local.yml (targets moved to
-free ports, scrape and rule intervals cut to 1 s) with its recording and
-alert rules. A real client then predicts a shared slide with --metrics-port,
+One module fixture starts three servers on 127.0.0.1. The first is the real
+tritonserver with the production Deployment's metrics and restricted-API
+flags. The second is a Pushgateway. The third is Prometheus, which loads
+ops/prometheus/prometheus-local.yml with its recording and alert rules, its
+targets moved to free ports and its intervals cut to 1 s or less. A real client then predicts a shared slide with --metrics-port,
 --metrics-linger-s and --pushgateway. The tests run each panel's PromQL
 through Prometheus's HTTP API over the time of the run.
 """
@@ -362,7 +362,8 @@ def test_adapter_rule_returns_data(observed_run):
         "rules"
     ]
     query = rules[0]["metricsQuery"]
-    # The adapter fills in the pod's namespace and name; here the job stands in.
+    # The adapter fills in the pod's namespace and name. The local targets have
+    # neither, so the job label takes their place.
     query = query.replace("<<.LabelMatchers>>", 'job="histomet-triton"').replace(
         "<<.GroupBy>>", "job"
     )

@@ -52,7 +52,9 @@ def validate_custom_resource(document: dict) -> subprocess.CompletedProcess:
     """Validate a prometheus-operator resource against its CRD schema with node."""
     node = require_tool("node")
     if not (NODE_TOOLS / "node_modules" / "@kubernetes-models").is_dir():
-        pytest.skip("prometheus-operator schemas not installed; run scripts/install-ops-tools.sh")
+        pytest.skip(
+            "prometheus-operator schemas not installed; run scripts/install-ops-tools.sh"
+        )
     return subprocess.run(
         [str(node), "--input-type=module", "-e", _VALIDATE_SERVICE_MONITOR],
         input=json.dumps(document),
@@ -132,7 +134,9 @@ def _pod_specs(documents: list[dict]) -> list[dict]:
     return specs
 
 
-@pytest.mark.parametrize("kustomization", ["overlays/production", "overlays/s3", "batch"])
+@pytest.mark.parametrize(
+    "kustomization", ["overlays/production", "overlays/s3", "batch"]
+)
 def test_pods_meet_restricted_security(kustomization):
     specs = _pod_specs(render(K8S / kustomization))
 
@@ -152,7 +156,9 @@ def test_pods_meet_restricted_security(kustomization):
 
 
 def test_triton_requests_gpu_and_probes_health(production):
-    container = find(production, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = find(production, "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     resources = container["resources"]
 
     assert resources["requests"]["nvidia.com/gpu"] == 1
@@ -177,29 +183,43 @@ def test_service_and_policies_match_pod_ports(production):
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    policy_ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    policy_ports = {
+        port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]
+    }
     assert policy_ports == port_names
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items()
+        <= service["metadata"]["labels"].items()
+    )
 
 
 def test_model_version_config_rolls_deployment(production):
     config_map = find(production, "ConfigMap")
-    container = find(production, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = find(production, "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     referenced = [source["configMapRef"]["name"] for source in container["envFrom"]]
 
     # kustomize appends a content hash, so a new version is a new pod template.
-    assert re.fullmatch(r"histomet-model-version-[a-z0-9]{10}", config_map["metadata"]["name"])
+    assert re.fullmatch(
+        r"histomet-model-version-[a-z0-9]{10}", config_map["metadata"]["name"]
+    )
     assert referenced == [config_map["metadata"]["name"]]
     assert "--model-repository=$(MODEL_REPOSITORY)" in container["args"]
 
 
 def test_admin_key_comes_from_secret(production):
-    container = find(production, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = find(production, "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     env = {item["name"]: item for item in container["env"]}
     restricted = [arg for arg in container["args"] if "restricted" in arg]
 
-    assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "histomet-triton-admin"
+    assert (
+        env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+        == "histomet-triton-admin"
+    )
     assert len(restricted) == 2
     for arg in restricted:
         assert arg.endswith(":admin-key=$(TRITON_ADMIN_KEY)")
@@ -212,7 +232,10 @@ def test_hpa_metric_served_by_adapter_rule(production):
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
     served = {rule["name"]["as"] for rule in rules}
 
-    assert hpa["spec"]["scaleTargetRef"]["name"] == find(production, "Deployment")["metadata"]["name"]
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"]
+        == find(production, "Deployment")["metadata"]["name"]
+    )
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in served
 
 
@@ -225,7 +248,10 @@ def test_batch_job_shards_by_completion_index(batch):
     assert job["spec"]["completionMode"] == "Indexed"
     assert shard == f"$(JOB_COMPLETION_INDEX)/{job['spec']['completions']}"
     assert args[:3] == ["predict", "--manifest", "/slides/manifest.csv"]
-    assert args[args.index("--results") + 1] == "/results/results-$(JOB_COMPLETION_INDEX).jsonl"
+    assert (
+        args[args.index("--results") + 1]
+        == "/results/results-$(JOB_COMPLETION_INDEX).jsonl"
+    )
     assert job["spec"]["template"]["metadata"]["labels"]["histomet.io/client"] == "true"
     assert "--pushgateway" in args
 
@@ -234,7 +260,11 @@ def test_batch_job_options_exist_in_client():
     from histomet.client.cli import build_parser
 
     job = find(render(K8S / "batch"), "Job")
-    options = {arg for arg in job["spec"]["template"]["spec"]["containers"][0]["args"] if arg.startswith("--")}
+    options = {
+        arg
+        for arg in job["spec"]["template"]["spec"]["containers"][0]["args"]
+        if arg.startswith("--")
+    }
     known = set()
     predict = build_parser()._subparsers._group_actions[0].choices["predict"]
     for action in predict._actions:
@@ -246,7 +276,9 @@ def test_batch_job_options_exist_in_client():
     assert options <= known, sorted(options - known)
 
 
-def _http(url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
+def _http(
+    url: str, headers: dict[str, str] | None = None, body: bytes | None = None
+) -> int:
     request = urllib.request.Request(url, data=body, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -271,7 +303,9 @@ def test_restricted_api_needs_admin_key(tiny_repository, tmp_path):
         ready = _http(f"{base}/v2/health/ready")
         model_config = _http(f"{base}/v2/models/histomet/config")
         index_open = _http(f"{base}/v2/repository/index", body=b"{}")
-        index_wrong = _http(f"{base}/v2/repository/index", {"admin-key": "wrong"}, b"{}")
+        index_wrong = _http(
+            f"{base}/v2/repository/index", {"admin-key": "wrong"}, b"{}"
+        )
         index_keyed = _http(f"{base}/v2/repository/index", {"admin-key": key}, b"{}")
         unload_open = _http(f"{base}/v2/repository/models/histomet/unload", body=b"{}")
     finally:

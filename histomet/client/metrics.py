@@ -138,7 +138,7 @@ def push_metrics(url: str, timeout_s: float = 10.0) -> bool:
     describes.
     """
     instance = socket.gethostname()
-    shown = _address(url)
+    address = _address(url)
     try:
         push_to_gateway(
             url,
@@ -147,10 +147,14 @@ def push_metrics(url: str, timeout_s: float = 10.0) -> bool:
             grouping_key={"instance": instance},
             timeout=timeout_s,
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        # OSError covers refused connections and HTTP errors, ValueError a URL
+        # that the option's check let through but urllib rejects.
         _LOGGER.warning(
-            "pushing metrics to the Pushgateway %s failed: %s", shown, error
+            "pushing metrics to the Pushgateway %s failed: %s", address, error
         )
         return False
-    _LOGGER.info("pushed metrics to the Pushgateway %s as instance %s", shown, instance)
+    _LOGGER.info(
+        "pushed metrics to the Pushgateway %s as instance %s", address, instance
+    )
     return True

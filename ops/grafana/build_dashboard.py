@@ -1,7 +1,7 @@
 """Generate ops/grafana/histomet.json, the HistoMet Grafana dashboard.
 
-Run ``python ops/grafana/build_dashboard.py`` after changing a panel; a test
-checks that the committed JSON matches this file's output and runs every
+Run ``python ops/grafana/build_dashboard.py`` after changing a panel. The
+tests check that the committed JSON matches this file's output, and run every
 panel's query against a real Prometheus.
 
 Panels whose queries read Triton's GPU metrics (``nv_gpu_*``) carry the tag
