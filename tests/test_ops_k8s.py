@@ -1,8 +1,8 @@
 """Kubernetes manifests in ops/k8s: rendered with kustomize, validated offline.
 
 Built-in kinds are validated with kubernetes-validate, which bundles the
-Kubernetes JSON schemas. The ServiceMonitor is validated with the
-prometheus-operator CRD schema from the npm package
+Kubernetes JSON schemas. The ServiceMonitor and PrometheusRule are validated
+with the prometheus-operator CRD schemas from the npm package
 @kubernetes-models/prometheus-operator. Nothing is downloaded at test time.
 """
 
@@ -12,6 +12,7 @@ import copy
 import json
 import re
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -38,13 +39,19 @@ KUSTOMIZATIONS = [
     "batch",
     "prometheus-adapter",
     "namespace",
+    "monitoring",
 ]
 
-_VALIDATE_SERVICE_MONITOR = """
-import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
+# Reads one resource as JSON on stdin and validates it with the model class of
+# its kind. On a schema violation validate() throws, so node exits non-zero.
+_VALIDATE_CUSTOM_RESOURCE = """
 let text = "";
 for await (const chunk of process.stdin) text += chunk;
-new ServiceMonitor(JSON.parse(text)).validate();
+const resource = JSON.parse(text);
+const module = await import(
+  `@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/${resource.kind}`
+);
+new module[resource.kind](resource).validate();
 """
 
 
@@ -56,7 +63,7 @@ def validate_custom_resource(document: dict) -> subprocess.CompletedProcess:
             "prometheus-operator schemas not installed; run scripts/install-ops-tools.sh"
         )
     return subprocess.run(
-        [str(node), "--input-type=module", "-e", _VALIDATE_SERVICE_MONITOR],
+        [str(node), "--input-type=module", "-e", _VALIDATE_CUSTOM_RESOURCE],
         input=json.dumps(document),
         capture_output=True,
         text=True,
@@ -317,3 +324,32 @@ def test_restricted_api_needs_admin_key(tiny_repository, tmp_path):
     assert index_wrong == 403
     assert index_keyed == 200
     assert unload_open == 403
+
+
+def test_prometheus_rule_matches_rule_files():
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import build_prometheusrule, sys; sys.stdout.write(build_prometheusrule.render())",
+        ],
+        cwd=K8S / "monitoring",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    committed = K8S / "monitoring" / "prometheusrule.yaml"
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == committed.read_text(), (
+        "run: python ops/k8s/monitoring/build_prometheusrule.py"
+    )
+
+
+def test_validator_rejects_invalid_prometheus_rule():
+    rule = find(render(K8S / "monitoring"), "PrometheusRule")
+    broken = copy.deepcopy(rule)
+    broken["spec"]["groups"][0]["rules"][0]["for"] = "ten minutes"
+
+    assert validate_custom_resource(rule).returncode == 0
+    assert validate_custom_resource(broken).returncode != 0
