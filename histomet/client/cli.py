@@ -70,6 +70,18 @@ def _grpc_url(text: str) -> str:
     return text
 
 
+def _pushgateway_url(text: str) -> str:
+    """Check a Pushgateway address of the form http(s)://HOST:PORT[/PATH]."""
+    hint = "give the Pushgateway's URL, for example http://127.0.0.1:9091"
+    scheme, separator, rest = text.partition("://")
+    if not separator or scheme not in ("http", "https"):
+        raise argparse.ArgumentTypeError(f"{text!r} lacks http:// or https://; {hint}")
+    host = rest.split("/", 1)[0]
+    if not host or host.startswith(":"):
+        raise argparse.ArgumentTypeError(f"{text!r} lacks a host; {hint}")
+    return text
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -158,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="keep the metrics endpoint up this many seconds after the prediction, "
         "so a scraper can read the final values (default: 0)",
+    )
+    predict.add_argument(
+        "--pushgateway",
+        type=_pushgateway_url,
+        metavar="URL",
+        help="push the client's metrics to this Prometheus Pushgateway when the run "
+        "ends, after success or failure (for batch jobs that end before a scrape)",
     )
     predict.add_argument(
         "--show-paths",
@@ -312,6 +331,7 @@ def format_summary(result: dict) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from histomet.client import metrics
     from histomet.client.predict import PredictOptions
     from histomet.client.predict import predict_slide
 
@@ -339,6 +359,7 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         with NativeOutputMonitor(_secrets(args)):
             result = predict_slide(args.slide, options)
+        metrics.record_model(result["model"])
         if output is not None:
             try:
                 write_json(output, result)
@@ -354,6 +375,8 @@ def _predict(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     finally:
         # The metrics stay readable after success and after failure alike.
+        if args.pushgateway is not None:
+            metrics.push_metrics(args.pushgateway)
         if args.metrics_port is not None and args.metrics_linger_s > 0:
             time.sleep(args.metrics_linger_s)
     if result["status"] == "no_tissue":
