@@ -9,8 +9,6 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
-# Prometheus, promtool, the Pushgateway, kubectl and CRD schemas for the ops/ tests.
-bash scripts/install-ops-tools.sh
 .venv/bin/python - <<'PY'
 import numpy
 major = int(numpy.__version__.split(".")[0])

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Prometheus, promtool, the Pushgateway, kubectl and CRD schemas for the ops/
+# tests; the demo does not need them, so only the test command installs them.
+bash scripts/install-ops-tools.sh
 exec .venv/bin/python -m pytest "$@"
