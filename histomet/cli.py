@@ -2,8 +2,9 @@
 
 Commands:
 
-* ``histomet export demo --repository DIR``: build the demo model version
-  (seeded random weights) and write a Triton repository for the ``cpu`` target;
+* ``histomet export demo --repository DIR [--target cpu|gpu]``: build the demo
+  model version (seeded random weights) and write a Triton repository for the
+  embedded ``cpu`` server or the NGC container's ``gpu`` backends;
 * ``histomet serve --repository DIR``: run the embedded ``tritonserver`` on
   127.0.0.1 until Ctrl-C or SIGTERM.
 """
@@ -17,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from histomet import spec
 from histomet.arguments import OneLineErrorParser
 from histomet.arguments import port_number
 from histomet.arguments import positive_float
@@ -65,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seed", type=_seed, default=0, help="weight seed, 0 to 2**32-1 (default: 0)"
+    )
+    demo.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: the embedded server's Python backend; gpu: the NGC tritonserver "
+        "container, KIND_GPU instances and TensorRT (default: cpu)",
+    )
+    demo.add_argument(
+        "--encoder-backend",
+        choices=spec.GPU_ENCODER_BACKENDS,
+        default=spec.GPU_ENCODER_BACKENDS[0],
+        help="gpu target only: how the encoder runs (default: %(default)s)",
     )
     demo.add_argument(
         "--work-dir",
@@ -151,11 +166,21 @@ def _serve(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from histomet.export.demo import export_demo
 
+    gpu_options = None
+    if args.target == "gpu":
+        from histomet.export.gpu import GpuServingOptions
+
+        gpu_options = GpuServingOptions(encoder_backend=args.encoder_backend)
     model_spec = export_demo(
-        args.repository, encoder=args.encoder, seed=args.seed, work_dir=args.work_dir
+        args.repository,
+        encoder=args.encoder,
+        seed=args.seed,
+        work_dir=args.work_dir,
+        gpu_options=gpu_options,
     )
     print(
-        f"histomet: wrote repository {args.repository} (version {model_spec.version}, "
+        f"histomet: wrote {args.target} repository {args.repository} "
+        f"(version {model_spec.version}, "
         f"manifest {model_spec.manifest_sha256[:12]}, demo weights: random)",
         flush=True,
     )

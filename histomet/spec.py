@@ -68,6 +68,11 @@ ONNX_MIL_OUTPUTS = (
     "probabilities",
 )
 
+# How the gpu target runs the encoder: ONNX Runtime with its TensorRT execution
+# accelerator (engines built at first load), ONNX Runtime's CUDA provider alone,
+# or a TensorRT plan built by trtexec on the serving GPU.
+GPU_ENCODER_BACKENDS = ("onnxruntime-tensorrt", "onnxruntime-cuda", "tensorrt-plan")
+
 # Keys of the ensemble's config parameters that the client reads.
 PARAM_TILE_PX = "tile_px"
 PARAM_TARGET_MPP = "target_mpp"

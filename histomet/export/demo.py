@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 from histomet import spec
+from histomet.export.gpu import GpuServingOptions
+from histomet.export.gpu import write_gpu_repository
 from histomet.export.onnx import export_encoder
 from histomet.export.onnx import export_mil_step
 from histomet.export.repository import ExportedGraphs
@@ -110,14 +112,20 @@ def export_demo(
     seed: int = 0,
     work_dir: Path | None = None,
     options: ServingOptions | None = None,
+    gpu_options: GpuServingOptions | None = None,
 ) -> spec.ModelSpec:
-    """Export the demo version and write the ``cpu`` target repository to ``repository``."""
+    """Export the demo version and write its repository to ``repository``.
+
+    With ``gpu_options`` the repository is the ``gpu`` target, otherwise ``cpu``.
+    """
     check_repository_target(repository)
+
+    def write(graphs: ExportedGraphs, model_spec: spec.ModelSpec) -> spec.ModelSpec:
+        if gpu_options is not None:
+            return write_gpu_repository(repository, graphs, model_spec, gpu_options)
+        return write_repository(repository, graphs, model_spec, options)
+
     if work_dir is not None:
-        graphs, model_spec = export_demo_graphs(work_dir, encoder=encoder, seed=seed)
-        return write_repository(repository, graphs, model_spec, options)
+        return write(*export_demo_graphs(work_dir, encoder=encoder, seed=seed))
     with tempfile.TemporaryDirectory(prefix="histomet-export-") as temporary:
-        graphs, model_spec = export_demo_graphs(
-            Path(temporary), encoder=encoder, seed=seed
-        )
-        return write_repository(repository, graphs, model_spec, options)
+        return write(*export_demo_graphs(Path(temporary), encoder=encoder, seed=seed))

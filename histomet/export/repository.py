@@ -348,6 +348,28 @@ def _check_graph_names(dims: dict, expected: tuple[str, ...], path: Path) -> Non
         )
 
 
+def checked_graph_dims(graphs: ExportedGraphs) -> tuple[dict, dict, dict]:
+    """Return the encoder, risk and site graphs' tensor dims, checking their names."""
+    encoder_dims = _graph_dims(graphs.encoder)
+    risk_dims = _graph_dims(graphs.risk_mil)
+    site_dims = _graph_dims(graphs.site_mil)
+    _check_graph_names(
+        encoder_dims,
+        (spec.ONNX_ENCODER_INPUT, *spec.ONNX_ENCODER_OUTPUTS),
+        graphs.encoder,
+    )
+    for path, dims in ((graphs.risk_mil, risk_dims), (graphs.site_mil, site_dims)):
+        _check_graph_names(dims, spec.ONNX_MIL_INPUTS + spec.ONNX_MIL_OUTPUTS, path)
+    if risk_dims["probabilities"][-1] != 1:
+        raise ExportError(
+            f"risk model must have 1 output, found {risk_dims['probabilities'][-1]}",
+            "export the risk head with n_outputs=1",
+        )
+    _feature_dims(encoder_dims, risk_dims)
+    _feature_dims(encoder_dims, site_dims)
+    return encoder_dims, risk_dims, site_dims
+
+
 def build_manifest(graphs: ExportedGraphs, spec_: spec.ModelSpec) -> dict:
     """Return the version manifest: the model contract plus a checksum per file."""
     files = {
@@ -424,22 +446,7 @@ def write_repository(
     ``manifest_sha256`` filled in.
     """
     options = options or ServingOptions()
-    encoder_dims = _graph_dims(graphs.encoder)
-    risk_dims = _graph_dims(graphs.risk_mil)
-    site_dims = _graph_dims(graphs.site_mil)
-    _check_graph_names(
-        encoder_dims,
-        (spec.ONNX_ENCODER_INPUT, *spec.ONNX_ENCODER_OUTPUTS),
-        graphs.encoder,
-    )
-    for path, dims in ((graphs.risk_mil, risk_dims), (graphs.site_mil, site_dims)):
-        _check_graph_names(dims, spec.ONNX_MIL_INPUTS + spec.ONNX_MIL_OUTPUTS, path)
-    if risk_dims["probabilities"][-1] != 1:
-        raise ExportError(
-            f"risk model must have 1 output, found {risk_dims['probabilities'][-1]}",
-            "export the risk head with n_outputs=1",
-        )
-
+    encoder_dims, risk_dims, site_dims = checked_graph_dims(graphs)
     manifest = build_manifest(graphs, spec_)
     digest = manifest_digest(manifest)
     spec_ = spec.ModelSpec(**{**asdict(spec_), "manifest_sha256": digest})
@@ -447,15 +454,7 @@ def write_repository(
         **{**asdict(spec_), "encoder_max_batch": options.encoder_max_batch}
     )
 
-    repository = check_repository_target(repository)
-    # Stage on the target's own file system (inside it when it exists, which
-    # also covers a mount point), so the final moves are renames.
-    staging_parent = repository if repository.is_dir() else repository.parent
-    for leftover in interrupted_export_leftovers(staging_parent):
-        _LOGGER.warning("removing %s, left by an interrupted export", leftover.name)
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
-    try:
+    with staged_repository(repository) as staging:
         models = {
             spec.ENCODER_MODEL: (
                 encoder_config(spec_, options, encoder_dims, risk_dims),
@@ -496,20 +495,43 @@ def write_repository(
             staging / spec.ENSEMBLE_MODEL,
             ensemble_config(spec_, encoder_dims, risk_dims, site_dims),
         )
-        # The manifest sits in the ensemble's version folder, which Triton
-        # ignores, so the served version carries its own checksums.
-        manifest_text = json.dumps(
-            {**manifest, "sha256": digest}, indent=2, sort_keys=True
-        )
-        (ensemble_dir / MANIFEST_NAME).write_text(manifest_text + "\n")
+        write_manifest(ensemble_dir, manifest, digest)
+    _LOGGER.info("wrote model repository %s (manifest %s)", repository, digest[:12])
+    return spec_
 
+
+def write_manifest(ensemble_version_dir: Path, manifest: dict, digest: str) -> None:
+    """Write the manifest into the ensemble's version folder.
+
+    Triton ignores that folder's contents, so the served version carries its own
+    checksums without Triton trying to load the file.
+    """
+    text = json.dumps({**manifest, "sha256": digest}, indent=2, sort_keys=True)
+    (ensemble_version_dir / MANIFEST_NAME).write_text(text + "\n")
+
+
+@contextlib.contextmanager
+def staged_repository(repository: Path) -> Iterator[Path]:
+    """Yield an empty staging folder, then swap its models into ``repository``.
+
+    The staging folder lies on the target's own file system (inside it when it
+    exists, which also covers a mount point), so the final moves are renames and
+    a reader sees either the old models or the new ones. If the block raises,
+    the staging folder is removed and ``repository`` is left as it was.
+    """
+    repository = check_repository_target(repository)
+    staging_parent = repository if repository.is_dir() else repository.parent
+    for leftover in interrupted_export_leftovers(staging_parent):
+        _LOGGER.warning("removing %s, left by an interrupted export", leftover.name)
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
+    try:
+        yield staging
         with _signals_deferred():
             _replace_directory(staging, repository)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _LOGGER.info("wrote model repository %s (manifest %s)", repository, digest[:12])
-    return spec_
 
 
 @contextlib.contextmanager
