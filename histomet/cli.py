@@ -164,6 +164,14 @@ def _add_registry_parser(commands) -> None:
         )
         command.add_argument("--reason", required=True, help="why, for the audit log")
         command.add_argument("--actor", help="who (default: the login name)")
+        command.add_argument(
+            "--server",
+            help="gRPC address HOST:PORT of a running server to switch first; "
+            "needs --root",
+        )
+        command.add_argument(
+            "--root", type=Path, help="publish folder the server serves (ROOT/current)"
+        )
     publish = actions.add_parser(
         "publish", help="write an alias's version as the served repository view"
     )
@@ -239,7 +247,37 @@ def _registry(args: argparse.Namespace) -> int:
             "their SHA-256 and the golden outputs reproduce"
         )
     elif args.action in ("promote", "rollback"):
-        if args.action == "promote":
+        if (args.server is None) != (args.root is None):
+            raise UsageError(
+                "--server and --root go together",
+                "pass both to switch a running server, or neither to move the alias only",
+            )
+        if args.server is not None:
+            from histomet.registry.live import rollback_server
+            from histomet.registry.live import switch_server
+
+            if args.action == "promote":
+                event = switch_server(
+                    registry,
+                    args.name,
+                    args.version,
+                    args.root,
+                    args.server,
+                    alias=args.alias,
+                    reason=args.reason,
+                    actor=args.actor,
+                )
+            else:
+                event = rollback_server(
+                    registry,
+                    args.name,
+                    args.root,
+                    args.server,
+                    alias=args.alias,
+                    reason=args.reason,
+                    actor=args.actor,
+                )
+        elif args.action == "promote":
             event = registry.promote(
                 args.name,
                 args.version,
