@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "of a repository",
     )
     demo.add_argument(
+        "--parity-slide",
+        type=Path,
+        help="with --bundle: also check torch against ONNX Runtime on up to 16 "
+        "tissue tiles of this slide, and keep the report in the bundle",
+    )
+    demo.add_argument(
         "--work-dir",
         type=Path,
         help="folder for the exported ONNX files (default: a temporary folder)",
@@ -388,15 +394,24 @@ def _export(args: argparse.Namespace) -> int:
 def _export_bundle(args: argparse.Namespace) -> int:
     import tempfile
 
-    from histomet.export.demo import export_demo_graphs
+    import json
+
+    from histomet.export.demo import export_demo_graphs_with_report
     from histomet.registry.version_bundle import write_bundle
 
     with tempfile.TemporaryDirectory(prefix="histomet-export-") as temporary:
         work_dir = args.work_dir or Path(temporary)
-        graphs, model_spec = export_demo_graphs(
-            work_dir, encoder=args.encoder, seed=args.seed
+        graphs, model_spec, report = export_demo_graphs_with_report(
+            work_dir,
+            encoder=args.encoder,
+            seed=args.seed,
+            parity_slide=args.parity_slide,
         )
-        bundle = write_bundle(args.bundle, graphs, model_spec)
+        report_path = Path(temporary) / "parity.json"
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        bundle = write_bundle(
+            args.bundle, graphs, model_spec, extra_files={"parity.json": report_path}
+        )
     print(
         f"histomet: wrote version bundle {args.bundle} (version {model_spec.version}, "
         f"bundle {bundle.digest[:12]}, demo weights: random)",

@@ -401,3 +401,36 @@ def test_registry_cli_round_trip(tmp_path, bundles, capsys):
     assert "no earlier production version" in capsys.readouterr().err
     assert main([*base, "register", "../x", str(bundles["seed0"])]) == 2
     assert "invalid model name '../x'" in capsys.readouterr().err
+
+
+def test_export_bundle_cli_keeps_a_parity_report(tmp_path, shared_slides, capsys):
+    from histomet.cli import main
+
+    bundle_path = tmp_path / "bundle"
+    slide = shared_slides / "CMU-1-Small-Region.svs"
+    code = main(
+        [
+            "export",
+            "demo",
+            "--encoder",
+            "tiny",
+            "--bundle",
+            str(bundle_path),
+            "--parity-slide",
+            str(slide),
+        ]
+    )
+    assert code == 0
+    assert "wrote version bundle" in capsys.readouterr().out
+    bundle = vb.load_bundle(bundle_path)
+    report = json.loads((bundle_path / "extra" / "parity.json").read_text())
+    assert "extra/parity.json" in bundle.files
+    real = report["patch_encoder_real_tiles"]
+    # CMU-1-Small-Region has 14 tissue tiles at 0.5 µm/px, fewer than the limit of 16.
+    assert real["inputs"] == "14 tissue tiles read from a slide"
+    assert 0 < real["max_abs_diff"]["embedding"] < report["tolerance"]["atol"]
+    for name in ("patch_encoder", "risk_mil", "site_mil"):
+        assert report[name]["inputs"] == "random"
+        assert report[name]["opset"] == 18
+    assert main(["export", "demo", "--encoder", "tiny"]) == 2
+    assert "exactly one of --repository and --bundle" in capsys.readouterr().err
