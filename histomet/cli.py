@@ -2,8 +2,9 @@
 
 Commands:
 
-* ``histomet export demo --repository DIR``: build the demo model version
-  (seeded random weights) and write a Triton repository for the ``cpu`` target;
+* ``histomet export demo --repository DIR [--target cpu|gpu]``: build the demo
+  model version (seeded random weights) and write a Triton repository for the
+  embedded ``cpu`` server or the NGC container's ``gpu`` backends;
 * ``histomet serve --repository DIR``: run the embedded ``tritonserver`` on
   127.0.0.1 until Ctrl-C or SIGTERM.
 """
@@ -12,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
+from histomet import spec
 from histomet.arguments import OneLineErrorParser
 from histomet.arguments import port_number
 from histomet.arguments import positive_float
 from histomet.errors import HistometError
+from histomet.errors import UsageError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -53,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = export_kinds.add_parser(
         "demo", help="the demo version: seeded random weights, cpu target"
     )
-    demo.add_argument(
-        "--repository", type=Path, required=True, help="repository folder to write"
-    )
+    demo.add_argument("--repository", type=Path, help="repository folder to write")
     demo.add_argument(
         "--encoder",
         choices=("full", "tiny"),
@@ -67,10 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_seed, default=0, help="weight seed, 0 to 2**32-1 (default: 0)"
     )
     demo.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: the embedded server's Python backend; gpu: the NGC tritonserver "
+        "container, KIND_GPU instances and TensorRT (default: cpu)",
+    )
+    demo.add_argument(
+        "--encoder-backend",
+        choices=spec.GPU_ENCODER_BACKENDS,
+        default=spec.GPU_ENCODER_BACKENDS[0],
+        help="gpu target only: how the encoder runs (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--bundle",
+        type=Path,
+        help="write a version bundle for the registry to this new folder instead "
+        "of a repository",
+    )
+    demo.add_argument(
+        "--parity-slide",
+        type=Path,
+        help="with --bundle: also check torch against ONNX Runtime on up to 16 "
+        "tissue tiles of this slide, and keep the report in the bundle",
+    )
+    demo.add_argument(
         "--work-dir",
         type=Path,
         help="folder for the exported ONNX files (default: a temporary folder)",
     )
+
+    _add_registry_parser(commands)
 
     serve = commands.add_parser("serve", help="run tritonserver on 127.0.0.1")
     serve.add_argument(
@@ -98,6 +128,187 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file", type=Path, help="append the server's log to this file"
     )
     return parser
+
+
+def _add_registry_parser(commands) -> None:
+    registry = commands.add_parser(
+        "registry", help="model versions in an MLflow registry (registry extra)"
+    )
+    registry.add_argument(
+        "--registry-uri",
+        default=os.environ.get("HISTOMET_REGISTRY_URI"),
+        help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: "
+        "$HISTOMET_REGISTRY_URI, else a SQLite registry in ./registry)",
+    )
+    actions = registry.add_subparsers(
+        dest="action", required=True, parser_class=OneLineErrorParser
+    )
+    register = actions.add_parser("register", help="create a version from a bundle")
+    register.add_argument("name", help="registered model name")
+    register.add_argument("bundle", type=Path, help="version bundle folder")
+    register.add_argument("--description", default="", help="version description")
+    listing = actions.add_parser("list", help="list a model's versions")
+    listing.add_argument("name")
+    show = actions.add_parser("show", help="show a version and the alias history")
+    show.add_argument("name")
+    show.add_argument("reference", help="version number or alias")
+    verify = actions.add_parser(
+        "verify", help="re-hash a version's artifacts and replay its golden pair"
+    )
+    verify.add_argument("name")
+    verify.add_argument("reference", help="version number or alias")
+    for action, text in (
+        ("promote", "verify a version and point an alias at it"),
+        ("rollback", "point an alias back at its previous version"),
+    ):
+        command = actions.add_parser(action, help=text)
+        command.add_argument("name")
+        if action == "promote":
+            command.add_argument("version", type=int, help="version number")
+        command.add_argument(
+            "--alias", default="production", help="production or staging"
+        )
+        command.add_argument("--reason", required=True, help="why, for the audit log")
+        command.add_argument("--actor", help="who (default: the login name)")
+        command.add_argument(
+            "--server",
+            help="gRPC address HOST:PORT of a running server to switch first; "
+            "needs --root",
+        )
+        command.add_argument(
+            "--root", type=Path, help="publish folder the server serves (ROOT/current)"
+        )
+    publish = actions.add_parser(
+        "publish", help="write an alias's version as the served repository view"
+    )
+    publish.add_argument("name")
+    publish.add_argument(
+        "reference",
+        nargs="?",
+        default="production",
+        help="alias or version number (default: production)",
+    )
+    publish.add_argument(
+        "--root",
+        type=Path,
+        required=True,
+        help="publish folder; serve ROOT/current",
+    )
+    publish.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+
+
+def _registry(args: argparse.Namespace) -> int:
+    try:
+        from histomet.registry.publish import publish
+        from histomet.registry.store import Registry
+        from histomet.registry.store import default_registry_uri
+    except ImportError as error:
+        print(
+            f"histomet: error: the registry needs MLflow ({error.name} is missing). "
+            "Install it with: pip install 'histomet[registry]'",
+            file=sys.stderr,
+        )
+        return 2
+    if args.registry_uri:
+        registry = Registry(args.registry_uri)
+    else:
+        folder = Path("registry")
+        registry = Registry(
+            default_registry_uri(folder), artifact_root=folder / "artifacts"
+        )
+    if args.action == "register":
+        info = registry.register(args.name, args.bundle, description=args.description)
+        print(
+            f"histomet: registered {info.name} version {info.version} "
+            f"(bundle {info.bundle_sha256[:12]}, manifest {info.manifest_sha256[:12]})"
+        )
+    elif args.action == "list":
+        for info in registry.versions(args.name):
+            aliases = ",".join(info.aliases) or "-"
+            demo = "  demo weights" if info.demo_weights else ""
+            print(
+                f"{info.name}  v{info.version}  {aliases}  {info.spec_version}  "
+                f"bundle {info.bundle_sha256[:12]}{demo}"
+            )
+    elif args.action == "show":
+        info = registry.resolve(args.name, args.reference)
+        print(
+            f"{info.name} v{info.version}: spec {info.spec_version}, aliases "
+            f"{','.join(info.aliases) or '-'}, bundle {info.bundle_sha256}, "
+            f"manifest {info.manifest_sha256}, run {info.run_id}"
+        )
+        for event in registry.history(args.name):
+            when = time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.time_ms / 1000)
+            )
+            source = "-" if event.from_version is None else f"v{event.from_version}"
+            print(
+                f"  {when}  {event.action:8s} {event.alias}: {source} -> "
+                f"v{event.to_version}  by {event.actor}: {event.reason}"
+            )
+    elif args.action == "verify":
+        bundle = registry.verify(args.name, args.reference)
+        print(
+            f"histomet: {args.name} {args.reference}: {len(bundle.files)} files match "
+            "their SHA-256 and the golden outputs reproduce"
+        )
+    elif args.action in ("promote", "rollback"):
+        if (args.server is None) != (args.root is None):
+            raise UsageError(
+                "--server and --root go together",
+                "pass both to switch a running server, or neither to move the alias only",
+            )
+        if args.server is not None:
+            from histomet.registry.live import rollback_server
+            from histomet.registry.live import switch_server
+
+            if args.action == "promote":
+                event = switch_server(
+                    registry,
+                    args.name,
+                    args.version,
+                    args.root,
+                    args.server,
+                    alias=args.alias,
+                    reason=args.reason,
+                    actor=args.actor,
+                )
+            else:
+                event = rollback_server(
+                    registry,
+                    args.name,
+                    args.root,
+                    args.server,
+                    alias=args.alias,
+                    reason=args.reason,
+                    actor=args.actor,
+                )
+        elif args.action == "promote":
+            event = registry.promote(
+                args.name,
+                args.version,
+                alias=args.alias,
+                reason=args.reason,
+                actor=args.actor,
+            )
+        else:
+            event = registry.rollback(
+                args.name, alias=args.alias, reason=args.reason, actor=args.actor
+            )
+        source = "-" if event.from_version is None else f"v{event.from_version}"
+        print(
+            f"histomet: {event.action}: {event.name} {event.alias} {source} -> "
+            f"v{event.to_version}"
+        )
+    elif args.action == "publish":
+        view = publish(
+            registry, args.name, args.reference, args.root, target=args.target
+        )
+        print(
+            f"histomet: published {view.name} v{view.version} ({view.target}) as "
+            f"{args.root / 'current'}"
+        )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -151,12 +362,59 @@ def _serve(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from histomet.export.demo import export_demo
 
+    if (args.repository is None) == (args.bundle is None):
+        raise UsageError(
+            "export demo needs exactly one of --repository and --bundle",
+            "pass --repository DIR to serve it, or --bundle DIR to register it",
+        )
+    if args.bundle is not None:
+        return _export_bundle(args)
+
+    gpu_options = None
+    if args.target == "gpu":
+        from histomet.export.gpu import GpuServingOptions
+
+        gpu_options = GpuServingOptions(encoder_backend=args.encoder_backend)
     model_spec = export_demo(
-        args.repository, encoder=args.encoder, seed=args.seed, work_dir=args.work_dir
+        args.repository,
+        encoder=args.encoder,
+        seed=args.seed,
+        work_dir=args.work_dir,
+        gpu_options=gpu_options,
     )
     print(
-        f"histomet: wrote repository {args.repository} (version {model_spec.version}, "
+        f"histomet: wrote {args.target} repository {args.repository} "
+        f"(version {model_spec.version}, "
         f"manifest {model_spec.manifest_sha256[:12]}, demo weights: random)",
+        flush=True,
+    )
+    return 0
+
+
+def _export_bundle(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import json
+
+    from histomet.export.demo import export_demo_graphs_with_report
+    from histomet.registry.version_bundle import write_bundle
+
+    with tempfile.TemporaryDirectory(prefix="histomet-export-") as temporary:
+        work_dir = args.work_dir or Path(temporary)
+        graphs, model_spec, report = export_demo_graphs_with_report(
+            work_dir,
+            encoder=args.encoder,
+            seed=args.seed,
+            parity_slide=args.parity_slide,
+        )
+        report_path = Path(temporary) / "parity.json"
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        bundle = write_bundle(
+            args.bundle, graphs, model_spec, extra_files={"parity.json": report_path}
+        )
+    print(
+        f"histomet: wrote version bundle {args.bundle} (version {model_spec.version}, "
+        f"bundle {bundle.digest[:12]}, demo weights: random)",
         flush=True,
     )
     return 0
@@ -174,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "registry":
+            return _registry(args)
     except HistometError as error:
         if args.debug:
             _LOGGER.exception("command failed")

@@ -17,6 +17,12 @@ ENCODER_MODEL = "patch_encoder"
 RISK_MODEL = "risk_mil"
 SITE_MODEL = "site_mil"
 
+# Config parameter of an alias ensemble (one that a publish points at the current
+# registry version): the name of that version's own ensemble. A client sends a
+# whole slide to the named ensemble, so a promotion mid-slide cannot change the
+# models that score it.
+PARAM_PINNED_MODEL = "pinned_model"
+
 # Ensemble inputs. TILES is uint8 [N, tile_px, tile_px, 3]; TILE_OFFSET is the
 # index of the first tile of the request within the slide's bag, int64 [1].
 TILES = "TILES"
@@ -68,6 +74,11 @@ ONNX_MIL_OUTPUTS = (
     "probabilities",
 )
 
+# How the gpu target runs the encoder: ONNX Runtime with its TensorRT execution
+# accelerator (engines built at first load), ONNX Runtime's CUDA provider alone,
+# or a TensorRT plan built by trtexec on the serving GPU.
+GPU_ENCODER_BACKENDS = ("onnxruntime-tensorrt", "onnxruntime-cuda", "tensorrt-plan")
+
 # Keys of the ensemble's config parameters that the client reads.
 PARAM_TILE_PX = "tile_px"
 PARAM_TARGET_MPP = "target_mpp"
@@ -86,6 +97,31 @@ EMPTY_STATE_MAX = -3.4028234663852886e38
 
 
 @dataclass(frozen=True)
+class ModelNames:
+    """Triton model names of one model version's four models."""
+
+    ensemble: str = ENSEMBLE_MODEL
+    encoder: str = ENCODER_MODEL
+    risk: str = RISK_MODEL
+    site: str = SITE_MODEL
+
+    @classmethod
+    def versioned(cls, version: int) -> ModelNames:
+        """Return the names of registry version ``version``'s models, e.g. ``risk_mil_v3``."""
+        suffix = f"_v{version}"
+        return cls(
+            ensemble=ENSEMBLE_MODEL + suffix,
+            encoder=ENCODER_MODEL + suffix,
+            risk=RISK_MODEL + suffix,
+            site=SITE_MODEL + suffix,
+        )
+
+    def role(self, role: str) -> str:
+        """Return the name of the ``risk`` or ``site`` MIL model."""
+        return self.risk if role == "risk" else self.site
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What a served model version promises about its inputs and outputs."""
 
@@ -101,3 +137,7 @@ class ModelSpec:
     min_tissue_fraction: float = 0.25
     encoder_max_batch: int = 16
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# The names of an unversioned repository, as ``histomet export`` writes it.
+DEFAULT_NAMES = ModelNames()

@@ -13,8 +13,14 @@ import tempfile
 from pathlib import Path
 
 from histomet import spec
+from histomet.errors import ExportError
+from histomet.export.gpu import GpuServingOptions
+from histomet.export.gpu import write_gpu_repository
+from histomet.export.onnx import DEFAULT_ATOL
+from histomet.export.onnx import DEFAULT_RTOL
 from histomet.export.onnx import export_encoder
 from histomet.export.onnx import export_mil_step
+from histomet.export.onnx import verify_encoder_on_tiles
 from histomet.export.repository import ExportedGraphs
 from histomet.export.repository import ServingOptions
 from histomet.export.repository import check_repository_target
@@ -55,6 +61,26 @@ def export_demo_graphs(
     work_dir: Path, *, encoder: str = "full", seed: int = 0
 ) -> tuple[ExportedGraphs, spec.ModelSpec]:
     """Export the demo encoder and MIL heads to ONNX in ``work_dir``, with parity checks."""
+    graphs, model_spec, _ = export_demo_graphs_with_report(
+        work_dir, encoder=encoder, seed=seed
+    )
+    return graphs, model_spec
+
+
+def export_demo_graphs_with_report(
+    work_dir: Path,
+    *,
+    encoder: str = "full",
+    seed: int = 0,
+    parity_slide: Path | None = None,
+    parity_tiles: int = 16,
+) -> tuple[ExportedGraphs, spec.ModelSpec, dict]:
+    """Export the demo graphs and return the torch vs ONNX Runtime parity report too.
+
+    The report always covers fresh random inputs. With ``parity_slide`` it also
+    covers up to ``parity_tiles`` tissue tiles read from that slide at the
+    model's resolution.
+    """
     config = demo_encoder_config(encoder)
     concepts = load_concepts()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +88,7 @@ def export_demo_graphs(
     _LOGGER.info("building the %s demo encoder (seed %d)", encoder, seed)
     patch_encoder = build_demo_encoder(config, seed=seed)
     encoder_path = work_dir / "patch_encoder.onnx"
-    export_encoder(patch_encoder, encoder_path, seed=seed)
+    reports = {"patch_encoder": export_encoder(patch_encoder, encoder_path, seed=seed)}
 
     mil_paths = {}
     concept_ids: tuple[str, ...] = ()
@@ -82,7 +108,7 @@ def export_demo_graphs(
             kind, seed=head_seed, text_concepts=concepts, config=mil_config
         )
         path = work_dir / f"{kind}_mil.onnx"
-        export_mil_step(mil, path, seed=head_seed)
+        reports[f"{kind}_mil"] = export_mil_step(mil, path, seed=head_seed)
         mil_paths[kind] = path
         if kind == "risk":
             concept_ids = tuple(mil.concept_bank.concept_ids)
@@ -100,7 +126,53 @@ def export_demo_graphs(
         version=f"{DEMO_VERSION}-{encoder}-seed{seed}",
         demo_weights=True,
     )
-    return graphs, model_spec
+    report = {
+        name: {
+            "inputs": "random",
+            "opset": result.opset,
+            "checked_sizes": list(result.checked_sizes),
+            "max_abs_diff": result.max_abs_diff,
+        }
+        for name, result in reports.items()
+    }
+    if parity_slide is not None:
+        tiles = read_parity_tiles(parity_slide, model_spec, parity_tiles)
+        report["patch_encoder_real_tiles"] = {
+            "inputs": f"{len(tiles)} tissue tiles read from a slide",
+            "max_abs_diff": verify_encoder_on_tiles(encoder_path, patch_encoder, tiles),
+        }
+    report["tolerance"] = {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL}
+    return graphs, model_spec, report
+
+
+def read_parity_tiles(slide_path: Path, model_spec: spec.ModelSpec, limit: int):
+    """Return up to ``limit`` tissue tiles of a slide as the client would send them."""
+    import numpy as np
+
+    from histomet.slide import iter_tile_batches
+    from histomet.slide import open_slide
+    from histomet.slide import plan_slide_tiles
+
+    with open_slide(slide_path) as slide:
+        _, grid = plan_slide_tiles(
+            slide,
+            tile_px=model_spec.tile_px,
+            target_mpp=model_spec.target_mpp,
+            min_tissue_fraction=model_spec.min_tissue_fraction,
+        )
+        batches = []
+        count = 0
+        for batch in iter_tile_batches(slide, grid, limit):
+            batches.append(batch.tiles[: limit - count])
+            count += len(batches[-1])
+            if count >= limit:
+                break
+    if not batches:
+        raise ExportError(
+            "the parity slide has no tissue tiles",
+            "pass a slide with tissue to --parity-slide",
+        )
+    return np.concatenate(batches)
 
 
 def export_demo(
@@ -110,14 +182,20 @@ def export_demo(
     seed: int = 0,
     work_dir: Path | None = None,
     options: ServingOptions | None = None,
+    gpu_options: GpuServingOptions | None = None,
 ) -> spec.ModelSpec:
-    """Export the demo version and write the ``cpu`` target repository to ``repository``."""
+    """Export the demo version and write its repository to ``repository``.
+
+    With ``gpu_options`` the repository is the ``gpu`` target, otherwise ``cpu``.
+    """
     check_repository_target(repository)
+
+    def write(graphs: ExportedGraphs, model_spec: spec.ModelSpec) -> spec.ModelSpec:
+        if gpu_options is not None:
+            return write_gpu_repository(repository, graphs, model_spec, gpu_options)
+        return write_repository(repository, graphs, model_spec, options)
+
     if work_dir is not None:
-        graphs, model_spec = export_demo_graphs(work_dir, encoder=encoder, seed=seed)
-        return write_repository(repository, graphs, model_spec, options)
+        return write(*export_demo_graphs(work_dir, encoder=encoder, seed=seed))
     with tempfile.TemporaryDirectory(prefix="histomet-export-") as temporary:
-        graphs, model_spec = export_demo_graphs(
-            Path(temporary), encoder=encoder, seed=seed
-        )
-        return write_repository(repository, graphs, model_spec, options)
+        return write(*export_demo_graphs(Path(temporary), encoder=encoder, seed=seed))

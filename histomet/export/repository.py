@@ -127,12 +127,16 @@ def _feature_dims(encoder_dims: dict, mil_dims: dict) -> tuple[int, int]:
 
 
 def encoder_config(
-    spec_: spec.ModelSpec, options: ServingOptions, dims: dict, mil_dims: dict
+    spec_: spec.ModelSpec,
+    options: ServingOptions,
+    dims: dict,
+    mil_dims: dict,
+    names: spec.ModelNames = spec.DEFAULT_NAMES,
 ) -> mc.ModelConfig:
     """Build the ``patch_encoder`` config: stateless, dynamic batching."""
     embed_dim, proj_dim = _feature_dims(dims, mil_dims)
     config = mc.ModelConfig(
-        name=spec.ENCODER_MODEL,
+        name=names.encoder,
         backend="python",
         max_batch_size=options.encoder_max_batch,
     )
@@ -177,6 +181,7 @@ def mil_config(
     options: ServingOptions,
     encoder_dims: dict,
     mil_dims: dict,
+    names: spec.ModelNames = spec.DEFAULT_NAMES,
 ) -> mc.ModelConfig:
     """Build a ``risk_mil`` or ``site_mil`` config: sequence batching, no batch dim.
 
@@ -187,8 +192,7 @@ def mil_config(
     embed_dim, proj_dim = _feature_dims(encoder_dims, mil_dims)
     n_concepts = mil_dims["concept_scores"][-1]
     n_outputs = mil_dims["probabilities"][-1]
-    name = spec.RISK_MODEL if role == "risk" else spec.SITE_MODEL
-    config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    config = mc.ModelConfig(name=names.role(role), backend="python", max_batch_size=0)
     config.input.add(name=spec.EMBEDDING, data_type=mc.TYPE_FP32, dims=[-1, embed_dim])
     config.input.add(name=spec.PROJECTED, data_type=mc.TYPE_FP32, dims=[-1, proj_dim])
     config.input.add(name=spec.TILE_OFFSET, data_type=mc.TYPE_INT64, dims=[1])
@@ -244,7 +248,11 @@ def mil_config(
 
 
 def ensemble_config(
-    spec_: spec.ModelSpec, encoder_dims: dict, risk_dims: dict, site_dims: dict
+    spec_: spec.ModelSpec,
+    encoder_dims: dict,
+    risk_dims: dict,
+    site_dims: dict,
+    names: spec.ModelNames = spec.DEFAULT_NAMES,
 ) -> mc.ModelConfig:
     """Build the ``histomet`` ensemble that chains encoder, risk and site models."""
     n_concepts = risk_dims["concept_scores"][-1]
@@ -254,9 +262,7 @@ def ensemble_config(
             f"site model has {n_sites} outputs but {len(spec_.site_labels)} site labels",
             "export the site model with one output per label",
         )
-    config = mc.ModelConfig(
-        name=spec.ENSEMBLE_MODEL, platform="ensemble", max_batch_size=0
-    )
+    config = mc.ModelConfig(name=names.ensemble, platform="ensemble", max_batch_size=0)
     config.input.add(
         name=spec.TILES,
         data_type=mc.TYPE_UINT8,
@@ -279,12 +285,12 @@ def ensemble_config(
         config.output.add(name=output_name, data_type=data_type, dims=dims)
 
     steps = config.ensemble_scheduling.step
-    encoder_step = steps.add(model_name=spec.ENCODER_MODEL, model_version=-1)
+    encoder_step = steps.add(model_name=names.encoder, model_version=-1)
     encoder_step.input_map[spec.TILES] = spec.TILES
     encoder_step.output_map[spec.EMBEDDING] = "_embedding"
     encoder_step.output_map[spec.PROJECTED] = "_projected"
 
-    risk_step = steps.add(model_name=spec.RISK_MODEL, model_version=-1)
+    risk_step = steps.add(model_name=names.risk, model_version=-1)
     risk_step.input_map[spec.EMBEDDING] = "_embedding"
     risk_step.input_map[spec.PROJECTED] = "_projected"
     risk_step.input_map[spec.TILE_OFFSET] = spec.TILE_OFFSET
@@ -298,7 +304,7 @@ def ensemble_config(
         risk_step.output_map[output_name] = output_name
     risk_step.output_map[spec.RISK_HIGH] = spec.RISK_HIGH
 
-    site_step = steps.add(model_name=spec.SITE_MODEL, model_version=-1)
+    site_step = steps.add(model_name=names.site, model_version=-1)
     site_step.input_map[spec.EMBEDDING] = "_embedding"
     site_step.input_map[spec.PROJECTED] = "_projected"
     site_step.input_map[spec.TILE_OFFSET] = spec.TILE_OFFSET
@@ -346,6 +352,28 @@ def _check_graph_names(dims: dict, expected: tuple[str, ...], path: Path) -> Non
             f"ONNX graph {path.name} lacks tensors {missing}",
             "export it with histomet.export.onnx, which uses the names in histomet.spec",
         )
+
+
+def checked_graph_dims(graphs: ExportedGraphs) -> tuple[dict, dict, dict]:
+    """Return the encoder, risk and site graphs' tensor dims, checking their names."""
+    encoder_dims = _graph_dims(graphs.encoder)
+    risk_dims = _graph_dims(graphs.risk_mil)
+    site_dims = _graph_dims(graphs.site_mil)
+    _check_graph_names(
+        encoder_dims,
+        (spec.ONNX_ENCODER_INPUT, *spec.ONNX_ENCODER_OUTPUTS),
+        graphs.encoder,
+    )
+    for path, dims in ((graphs.risk_mil, risk_dims), (graphs.site_mil, site_dims)):
+        _check_graph_names(dims, spec.ONNX_MIL_INPUTS + spec.ONNX_MIL_OUTPUTS, path)
+    if risk_dims["probabilities"][-1] != 1:
+        raise ExportError(
+            f"risk model must have 1 output, found {risk_dims['probabilities'][-1]}",
+            "export the risk head with n_outputs=1",
+        )
+    _feature_dims(encoder_dims, risk_dims)
+    _feature_dims(encoder_dims, site_dims)
+    return encoder_dims, risk_dims, site_dims
 
 
 def build_manifest(graphs: ExportedGraphs, spec_: spec.ModelSpec) -> dict:
@@ -424,92 +452,170 @@ def write_repository(
     ``manifest_sha256`` filled in.
     """
     options = options or ServingOptions()
-    encoder_dims = _graph_dims(graphs.encoder)
-    risk_dims = _graph_dims(graphs.risk_mil)
-    site_dims = _graph_dims(graphs.site_mil)
-    _check_graph_names(
-        encoder_dims,
-        (spec.ONNX_ENCODER_INPUT, *spec.ONNX_ENCODER_OUTPUTS),
-        graphs.encoder,
-    )
-    for path, dims in ((graphs.risk_mil, risk_dims), (graphs.site_mil, site_dims)):
-        _check_graph_names(dims, spec.ONNX_MIL_INPUTS + spec.ONNX_MIL_OUTPUTS, path)
-    if risk_dims["probabilities"][-1] != 1:
-        raise ExportError(
-            f"risk model must have 1 output, found {risk_dims['probabilities'][-1]}",
-            "export the risk head with n_outputs=1",
+    # Check the graphs before the staging folder is created.
+    checked_graph_dims(graphs)
+    with staged_repository(repository) as staging:
+        spec_ = _write_version(
+            staging, graphs, spec_, options, spec.DEFAULT_NAMES, version
         )
+    _LOGGER.info(
+        "wrote model repository %s (manifest %s)",
+        repository,
+        spec_.manifest_sha256[:12],
+    )
+    return spec_
 
+
+@dataclass(frozen=True)
+class Release:
+    """One registry version to serve: its number, graphs and spec."""
+
+    number: int
+    graphs: ExportedGraphs
+    spec: spec.ModelSpec
+
+
+def write_versioned_repository(
+    repository: Path,
+    releases: list[Release],
+    current: int,
+    options: ServingOptions | None = None,
+) -> spec.ModelSpec:
+    """Write several versions side by side, and the alias ensemble for ``current``.
+
+    Each release's models carry its number (``patch_encoder_v3`` ...), so two
+    versions can be loaded at once. The ``histomet`` ensemble runs the current
+    release's models and names that release's own ensemble in its
+    ``pinned_model`` parameter. Returns the current release's spec with its
+    ``manifest_sha256``.
+    """
+    options = options or ServingOptions()
+    numbers = [release.number for release in releases]
+    if len(set(numbers)) != len(numbers) or current not in numbers:
+        raise ExportError(
+            f"releases {numbers} must be distinct and include the current {current}",
+            "pass each registry version once",
+        )
+    current_spec = None
+    with staged_repository(repository) as staging:
+        for release in releases:
+            names = spec.ModelNames.versioned(release.number)
+            written = _write_version(
+                staging, release.graphs, release.spec, options, names, release.number
+            )
+            if release.number == current:
+                current_spec = written
+                current_graphs = release.graphs
+        encoder_dims, risk_dims, site_dims = checked_graph_dims(current_graphs)
+        names = spec.ModelNames.versioned(current)
+        alias = ensemble_config(current_spec, encoder_dims, risk_dims, site_dims, names)
+        alias.name = spec.ENSEMBLE_MODEL
+        _set_parameters(alias, {spec.PARAM_PINNED_MODEL: names.ensemble})
+        alias_dir = staging / spec.ENSEMBLE_MODEL / str(current)
+        alias_dir.mkdir(parents=True)
+        _write_config(staging / spec.ENSEMBLE_MODEL, alias)
+        shutil.copy2(
+            staging / names.ensemble / str(current) / MANIFEST_NAME,
+            alias_dir / MANIFEST_NAME,
+        )
+    return current_spec
+
+
+def _write_version(
+    staging: Path,
+    graphs: ExportedGraphs,
+    spec_: spec.ModelSpec,
+    options: ServingOptions,
+    names: spec.ModelNames,
+    version: int,
+) -> spec.ModelSpec:
+    """Write one version's four models into ``staging``; return the completed spec."""
+    encoder_dims, risk_dims, site_dims = checked_graph_dims(graphs)
     manifest = build_manifest(graphs, spec_)
     digest = manifest_digest(manifest)
-    spec_ = spec.ModelSpec(**{**asdict(spec_), "manifest_sha256": digest})
     spec_ = spec.ModelSpec(
-        **{**asdict(spec_), "encoder_max_batch": options.encoder_max_batch}
+        **{
+            **asdict(spec_),
+            "manifest_sha256": digest,
+            "encoder_max_batch": options.encoder_max_batch,
+        }
     )
+    models = {
+        spec.ENCODER_MODEL: (
+            encoder_config(spec_, options, encoder_dims, risk_dims, names),
+            graphs.encoder,
+            "patch_encoder.py",
+        ),
+        spec.RISK_MODEL: (
+            mil_config("risk", spec_, options, encoder_dims, risk_dims, names),
+            graphs.risk_mil,
+            "mil.py",
+        ),
+        spec.SITE_MODEL: (
+            mil_config("site", spec_, options, encoder_dims, site_dims, names),
+            graphs.site_mil,
+            "mil.py",
+        ),
+    }
+    for role, (config, graph, backend_file) in models.items():
+        # Each model names the export it belongs to and its graph's checksum:
+        # the model checks the checksum when it loads, and the client checks
+        # that all four models come from one export.
+        _set_parameters(
+            config,
+            {
+                spec.PARAM_MANIFEST_SHA256: digest,
+                PARAM_ONNX_SHA256: manifest["files_sha256"][f"{role}/model.onnx"],
+            },
+        )
+        version_dir = staging / config.name / str(version)
+        version_dir.mkdir(parents=True)
+        _write_config(staging / config.name, config)
+        shutil.copy2(graph, version_dir / "model.onnx")
+        _copy_backend_model(backend_file, version_dir / "model.py")
 
+    ensemble_dir = staging / names.ensemble / str(version)
+    ensemble_dir.mkdir(parents=True)
+    _write_config(
+        staging / names.ensemble,
+        ensemble_config(spec_, encoder_dims, risk_dims, site_dims, names),
+    )
+    write_manifest(ensemble_dir, manifest, digest)
+    return spec_
+
+
+def write_manifest(ensemble_version_dir: Path, manifest: dict, digest: str) -> None:
+    """Write the manifest into the ensemble's version folder.
+
+    Triton ignores that folder's contents, so the served version carries its own
+    checksums without Triton trying to load the file.
+    """
+    text = json.dumps({**manifest, "sha256": digest}, indent=2, sort_keys=True)
+    (ensemble_version_dir / MANIFEST_NAME).write_text(text + "\n")
+
+
+@contextlib.contextmanager
+def staged_repository(repository: Path) -> Iterator[Path]:
+    """Yield an empty staging folder, then swap its models into ``repository``.
+
+    The staging folder lies on the target's own file system (inside it when it
+    exists, which also covers a mount point), so the final moves are renames and
+    a reader sees either the old models or the new ones. If the block raises,
+    the staging folder is removed and ``repository`` is left as it was.
+    """
     repository = check_repository_target(repository)
-    # Stage on the target's own file system (inside it when it exists, which
-    # also covers a mount point), so the final moves are renames.
     staging_parent = repository if repository.is_dir() else repository.parent
     for leftover in interrupted_export_leftovers(staging_parent):
         _LOGGER.warning("removing %s, left by an interrupted export", leftover.name)
         shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
     try:
-        models = {
-            spec.ENCODER_MODEL: (
-                encoder_config(spec_, options, encoder_dims, risk_dims),
-                graphs.encoder,
-                "patch_encoder.py",
-            ),
-            spec.RISK_MODEL: (
-                mil_config("risk", spec_, options, encoder_dims, risk_dims),
-                graphs.risk_mil,
-                "mil.py",
-            ),
-            spec.SITE_MODEL: (
-                mil_config("site", spec_, options, encoder_dims, site_dims),
-                graphs.site_mil,
-                "mil.py",
-            ),
-        }
-        for name, (config, graph, backend_file) in models.items():
-            # Each model names the export it belongs to and its graph's checksum:
-            # the model checks the checksum when it loads, and the client checks
-            # that all four models come from one export.
-            _set_parameters(
-                config,
-                {
-                    spec.PARAM_MANIFEST_SHA256: digest,
-                    PARAM_ONNX_SHA256: manifest["files_sha256"][f"{name}/model.onnx"],
-                },
-            )
-            version_dir = staging / name / str(version)
-            version_dir.mkdir(parents=True)
-            _write_config(staging / name, config)
-            shutil.copy2(graph, version_dir / "model.onnx")
-            _copy_backend_model(backend_file, version_dir / "model.py")
-
-        ensemble_dir = staging / spec.ENSEMBLE_MODEL / str(version)
-        ensemble_dir.mkdir(parents=True)
-        _write_config(
-            staging / spec.ENSEMBLE_MODEL,
-            ensemble_config(spec_, encoder_dims, risk_dims, site_dims),
-        )
-        # The manifest sits in the ensemble's version folder, which Triton
-        # ignores, so the served version carries its own checksums.
-        manifest_text = json.dumps(
-            {**manifest, "sha256": digest}, indent=2, sort_keys=True
-        )
-        (ensemble_dir / MANIFEST_NAME).write_text(manifest_text + "\n")
-
+        yield staging
         with _signals_deferred():
             _replace_directory(staging, repository)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _LOGGER.info("wrote model repository %s (manifest %s)", repository, digest[:12])
-    return spec_
 
 
 @contextlib.contextmanager

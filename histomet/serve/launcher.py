@@ -146,7 +146,9 @@ def server_command(config: ServerConfig, backend_dir: Path) -> list[str]:
     """Build the ``tritonserver`` command line for ``config``."""
     command = [
         str(tritonserver_binary()),
-        f"--model-repository={config.repository.resolve()}",
+        # absolute(), not resolve(): a publish root serves through its "current"
+        # symbolic link, which must be followed anew at each model load.
+        f"--model-repository={config.repository.absolute()}",
         f"--backend-directory={backend_dir}",
         f"--grpc-address={config.address}",
         f"--grpc-port={config.grpc_port}",

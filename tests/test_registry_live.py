@@ -1,0 +1,132 @@
+"""Switching a running tritonserver between registry versions, and back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+pytest.importorskip("mlflow", reason="the registry tests need the registry extra")
+
+from histomet import spec  # noqa: E402
+from histomet.registry import version_bundle as vb  # noqa: E402
+from histomet.registry.live import rollback_server  # noqa: E402
+from histomet.registry.live import served_outputs  # noqa: E402
+from histomet.registry.live import switch_server  # noqa: E402
+from histomet.registry.publish import current_view  # noqa: E402
+from histomet.registry.publish import publish  # noqa: E402
+from histomet.registry.publish import read_view  # noqa: E402
+from histomet.registry.store import Registry  # noqa: E402
+from histomet.registry.store import RegistryError  # noqa: E402
+from histomet.registry.store import default_registry_uri  # noqa: E402
+from histomet.serve.launcher import LocalTritonServer  # noqa: E402
+
+from .conftest import loopback_config  # noqa: E402
+from .test_registry import bundles  # noqa: E402, F401
+
+
+def _ready(client, model: str) -> bool:
+    try:
+        return client.is_model_ready(model)
+    except Exception:  # tritonclient raises for an unknown model
+        return False
+
+
+def _pinned(client) -> str:
+    config = client.get_model_config(spec.ENSEMBLE_MODEL, as_json=True)["config"]
+    return config["parameters"][spec.PARAM_PINNED_MODEL]["string_value"]
+
+
+@pytest.fixture
+def live(tmp_path, bundles):  # noqa: F811
+    folder = tmp_path / "registry"
+    registry = Registry(
+        default_registry_uri(folder), artifact_root=folder / "artifacts"
+    )
+    registry.register("histomet-risk", bundles["seed0"])
+    registry.register("histomet-risk", bundles["seed1"])
+    registry.promote("histomet-risk", 1, reason="first release")
+    root = tmp_path / "served"
+    publish(registry, "histomet-risk", "production", root)
+    server = LocalTritonServer(loopback_config(root / "current"))
+    server.start()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        yield registry, root, server, client
+    finally:
+        client.close()
+        assert server.stop() == 0
+
+
+def test_switch_and_rollback_on_a_running_server(live, bundles):  # noqa: F811
+    registry, root, server, client = live
+    assert _pinned(client) == "histomet_v1"
+
+    event = switch_server(
+        registry,
+        "histomet-risk",
+        2,
+        root,
+        server.grpc_url,
+        reason="better",
+        actor="bob",
+    )
+    assert (event.from_version, event.to_version) == (1, 2)
+    assert _pinned(client) == "histomet_v2"
+    # The old version keeps serving beside the new one, for slides in flight.
+    assert _ready(client, "histomet_v1")
+    assert _ready(client, "histomet_v2")
+    assert read_view(current_view(root))["versions"] == [2, 1]
+    for number, key in ((1, "seed0"), (2, "seed1")):
+        bundle = vb.load_bundle(bundles[key])
+        tiles, expected = bundle.golden()
+        actual = served_outputs(client, f"histomet_v{number}", tiles, 500 + number)
+        assert vb.compare_golden(expected, actual, atol=vb.GOLDEN_ATOL) == []
+    # The alias ensemble runs version 2.
+    tiles, expected = vb.load_bundle(bundles["seed1"]).golden()
+    actual = served_outputs(client, spec.ENSEMBLE_MODEL, tiles, 510)
+    assert vb.compare_golden(expected, actual, atol=vb.GOLDEN_ATOL) == []
+
+    back = rollback_server(
+        registry, "histomet-risk", root, server.grpc_url, reason="alert", actor="carol"
+    )
+    assert (back.action, back.from_version, back.to_version) == ("rollback", 2, 1)
+    assert _pinned(client) == "histomet_v1"
+    assert registry.resolve("histomet-risk", "production").version == 1
+    assert [(e.action, e.to_version) for e in registry.history("histomet-risk")] == [
+        ("promote", 1),
+        ("promote", 2),
+        ("rollback", 1),
+    ]
+
+
+def test_version_failing_on_the_server_is_not_switched(live, bundles, tmp_path):  # noqa: F811
+    registry, root, server, client = live
+    # Checksums consistent, golden outputs wrong: a broken export.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundles["seed1"], tampered)
+    outputs = dict(np.load(tampered / vb.GOLDEN_OUTPUTS))
+    outputs[spec.RISK_PROBABILITY] = outputs[spec.RISK_PROBABILITY] + np.float32(0.5)
+    np.savez(tampered / vb.GOLDEN_OUTPUTS, **outputs)
+    document = json.loads((tampered / vb.BUNDLE_FILE).read_text())
+    document["files_sha256"][vb.GOLDEN_OUTPUTS] = vb.sha256_file(
+        tampered / vb.GOLDEN_OUTPUTS
+    )
+    (tampered / vb.BUNDLE_FILE).write_text(json.dumps(document))
+    info = registry.register("histomet-risk", tampered)
+    before = current_view(root)
+
+    with pytest.raises(RegistryError, match="fails its golden check"):
+        switch_server(
+            registry, "histomet-risk", info.version, root, server.grpc_url, reason="x"
+        )
+    assert current_view(root) == before
+    assert _pinned(client) == "histomet_v1"
+    assert not _ready(client, f"histomet_v{info.version}")
+    assert registry.resolve("histomet-risk", "production").version == 1
+    tiles, expected = vb.load_bundle(bundles["seed0"]).golden()
+    actual = served_outputs(client, spec.ENSEMBLE_MODEL, tiles, 520)
+    assert vb.compare_golden(expected, actual, atol=vb.GOLDEN_ATOL) == []
