@@ -35,7 +35,10 @@ __all__ = [
     "build_demo_concept_bank",
     "concept_scores",
     "learned_concept_id",
+    "TextEmbeddings",
     "load_concepts",
+    "load_text_embeddings",
+    "save_text_embeddings",
     "seeded_text_embeddings",
 ]
 
@@ -135,6 +138,55 @@ def seeded_text_embeddings(
         vector = rng.standard_normal(dim)
         rows.append(vector / np.linalg.norm(vector))
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Text-concept embeddings ``[K, P]`` with their ids and provenance.
+
+    ``source`` is ``seeded-demo`` for random stand-ins, or names the text
+    encoder, for example ``conch-text:<checkpoint sha256 prefix>``.
+    """
+
+    ids: tuple[str, ...]
+    embeddings: np.ndarray
+    source: str
+
+
+def save_text_embeddings(path: Path, text: TextEmbeddings) -> None:
+    """Write ``ids``, ``embeddings`` and ``source`` to an ``.npz`` file."""
+    with open(path, "wb") as handle:
+        np.savez(
+            handle,
+            ids=np.asarray(text.ids, dtype=np.str_),
+            embeddings=text.embeddings.astype(np.float32),
+            source=np.asarray(text.source, dtype=np.str_),
+        )
+
+
+def load_text_embeddings(path: Path) -> TextEmbeddings:
+    """Read a file written by :func:`save_text_embeddings`.
+
+    Raises :class:`InputError` when an array is missing or the ids and rows
+    disagree.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        missing = [key for key in ("ids", "embeddings", "source") if key not in data]
+        if missing:
+            raise InputError(
+                f"concept embeddings file {path.name} lacks {missing}",
+                "Write it with histomet concepts encode",
+            )
+        ids = tuple(str(v) for v in data["ids"])
+        embeddings = np.asarray(data["embeddings"], dtype=np.float32)
+        source = str(data["source"])
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+        raise InputError(
+            f"concept embeddings file {path.name} has {len(ids)} ids but "
+            f"embeddings of shape {embeddings.shape}",
+            "Write it again with histomet concepts encode",
+        )
+    return TextEmbeddings(ids, embeddings, source)
 
 
 def learned_concept_id(index: int) -> str:
