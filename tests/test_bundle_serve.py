@@ -127,6 +127,11 @@ def served_result(chain, tmp_path_factory):
             server.grpc_url,
             "--json",
             str(output),
+            "--per-tile",
+            "--heatmap",
+            str(root / "heatmap.png"),
+            "--geojson",
+            str(root / "tiles.geojson"),
         )
         assert completed.returncode == 0, completed.stderr
         return json.loads(output.read_text())
@@ -191,3 +196,64 @@ def test_embed_skips_finished_slides(chain):
     assert completed.returncode == 0, completed.stderr
     assert "0 written, 1 skipped" in completed.stdout
     assert features_path.stat().st_mtime_ns == before
+
+
+def torch_outputs(bundle_path: Path, features_path: Path):
+    bundle = load_bundle(bundle_path)
+    loaded = read_features(features_path)
+    with torch.no_grad():
+        output = bundle.risk(
+            torch.from_numpy(loaded.features), torch.from_numpy(loaded.projected)
+        )
+    return bundle, loaded, output
+
+
+def test_per_tile_attention_and_concepts_match_torch(chain, served_result):
+    _, bundle_path, features_path, _ = chain
+    bundle, loaded, output = torch_outputs(bundle_path, features_path)
+    tiles = served_result["tiles"]
+    assert len(tiles) == loaded.features.shape[0]
+    assert [[t["x"], t["y"]] for t in tiles] == loaded.coords.tolist()
+    attention = np.array([t["attention"] for t in tiles])
+    assert attention.sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(attention, output.attention.numpy(), atol=1e-6)
+    scores = output.concept_scores.numpy()
+    for index, tile in enumerate(tiles):
+        ids = [c["id"] for c in tile["top_concepts"]]
+        expected = np.argsort(-scores[index], kind="stable")[:3]
+        assert ids == [bundle.concept_ids[k] for k in expected]
+        for concept, k in zip(tile["top_concepts"], expected):
+            assert concept["score"] == pytest.approx(float(scores[index, k]), abs=1e-5)
+
+
+def test_geojson_tiles(chain, served_result):
+    root, _, features_path, _ = chain
+    loaded = read_features(features_path)
+    collection = json.loads((root / "tiles.geojson").read_text())
+    assert collection["type"] == "FeatureCollection"
+    features = collection["features"]
+    assert len(features) == loaded.features.shape[0]
+    first = features[0]
+    ring = first["geometry"]["coordinates"][0]
+    x, y = loaded.coords[0]
+    assert ring[0] == [float(x), float(y)]
+    assert ring[0] == ring[-1]
+    side = ring[2][0] - ring[0][0]
+    # CMU-1-Small-Region is about 0.5 um/px, so a 512 px tile at 0.5 um/px is
+    # about 512 level-0 pixels wide.
+    assert 500 <= side <= 525
+    properties = first["properties"]
+    assert properties["attention"] == served_result["tiles"][0]["attention"]
+    assert properties["top_concepts"] == served_result["tiles"][0]["top_concepts"]
+    assert properties["measurements"]["attention"] == properties["attention"]
+
+
+def test_heatmap_png(chain, served_result):
+    from PIL import Image
+
+    root, _, _, _ = chain
+    with Image.open(root / "heatmap.png") as image:
+        assert image.format == "PNG"
+        assert image.mode == "RGB"
+        assert max(image.size) <= 2048
+        assert min(image.size) > 0
