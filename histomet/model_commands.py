@@ -189,6 +189,9 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
         help="tiles sampled per slide per training step (default: 4096)",
     )
     train.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)"
+    )
+    train.add_argument(
         "--version", help="version name (default: derived from encoder and seed)"
     )
 
@@ -263,6 +266,7 @@ def _train(args: argparse.Namespace) -> int:
             max_epochs=args.max_epochs,
             patience=args.patience,
             max_train_instances=args.max_train_instances,
+            device=args.device,
         ),
     )
     result = train_cohort(slides, text, args.out, config, version=args.version)

@@ -5,9 +5,11 @@ from the vision-language model's text encoder) or data-adaptive (a vector
 learned with the MIL head). A tile's score for a concept is the cosine between
 its projected image embedding and the concept's embedding.
 
-NOTE: no text encoder is wired in yet. The text concepts' embeddings are seeded
-random unit vectors (:func:`seeded_text_embeddings`), and a bank built from
-them records ``text_embeddings_source = "seeded-demo"``.
+Text embeddings come from CONCH's text tower through ``histomet concepts
+encode`` (:mod:`histomet.models.text`, optional ``conch`` extra), stored as an
+``.npz`` by :func:`save_text_embeddings`. The demo version and training without
+that file use seeded random unit vectors (:func:`seeded_text_embeddings`), and
+a bank built from them records ``text_embeddings_source = "seeded-demo"``.
 """
 
 from __future__ import annotations

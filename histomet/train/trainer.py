@@ -38,6 +38,10 @@ class FitConfig:
     max_epochs: int = 100
     patience: int = 10
     max_train_instances: int = 4096
+    # A torch device string such as "cpu" or "cuda:0". Bags stay on the CPU
+    # and move to the device one padded batch at a time.
+    # NOTE: only "cpu" is exercised by the tests; no GPU run has been made.
+    device: str = "cpu"
 
 
 @dataclass
@@ -83,6 +87,7 @@ def _mean_loss(
     targets: np.ndarray,
     weights: torch.Tensor,
     batch_size: int,
+    device: str,
 ) -> float:
     model.eval()
     total = 0.0
@@ -90,8 +95,10 @@ def _mean_loss(
         for start in range(0, len(bags), batch_size):
             chunk = bags[start : start + batch_size]
             embedding, projected, mask = pad_bags(chunk)
-            logits, _ = model.batch_logits(embedding, projected, mask)
-            target = torch.from_numpy(targets[start : start + batch_size])
+            logits, _ = model.batch_logits(
+                embedding.to(device), projected.to(device), mask.to(device)
+            )
+            target = torch.from_numpy(targets[start : start + batch_size]).to(device)
             total += float(_loss(model, logits, target, weights)) * len(chunk)
     return total / len(bags)
 
@@ -112,8 +119,13 @@ def _train_epoch(
         embedding, projected, mask = pad_bags(
             [bags[i] for i in index], config.max_train_instances, rng
         )
-        logits, _ = model.batch_logits(embedding, projected, mask)
-        loss = _loss(model, logits, torch.from_numpy(targets[index]), weights)
+        logits, _ = model.batch_logits(
+            embedding.to(config.device),
+            projected.to(config.device),
+            mask.to(config.device),
+        )
+        target = torch.from_numpy(targets[index]).to(config.device)
+        loss = _loss(model, logits, target, weights)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -145,8 +157,9 @@ def fit_head(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConceptMIL(mil_config, copy.deepcopy(concept_bank))
+        model.to(config.device)
         n_classes = max(2, mil_config.n_outputs)
-        weights = class_weights(targets, n_classes)
+        weights = class_weights(targets, n_classes).to(config.device)
         optimiser = torch.optim.AdamW(
             model.parameters(),
             lr=config.learning_rate,
@@ -155,7 +168,7 @@ def fit_head(
         if epochs is not None:
             for _ in range(epochs):
                 _train_epoch(model, optimiser, bags, targets, weights, config, rng)
-            return FitResult(model.eval(), epochs, epochs, [])
+            return FitResult(model.cpu().eval(), epochs, epochs, [])
 
         assert stop_targets is not None
         best_loss = float("inf")
@@ -165,7 +178,12 @@ def fit_head(
         for epoch in range(1, config.max_epochs + 1):
             _train_epoch(model, optimiser, bags, targets, weights, config, rng)
             loss = _mean_loss(
-                model, stop_bags, stop_targets, weights, config.batch_size
+                model,
+                stop_bags,
+                stop_targets,
+                weights,
+                config.batch_size,
+                config.device,
             )
             losses.append(loss)
             if loss < best_loss:
@@ -181,7 +199,7 @@ def fit_head(
             len(losses),
             best_loss,
         )
-        return FitResult(model.eval(), best_epoch, len(losses), losses)
+        return FitResult(model.cpu().eval(), best_epoch, len(losses), losses)
 
 
 def predict_bags(model: ConceptMIL, bags: Sequence[Bag]) -> np.ndarray:
