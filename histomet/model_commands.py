@@ -159,6 +159,12 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
         help=".npz from histomet concepts encode (default: seeded random "
         "stand-ins for the packaged list, which carry no meaning)",
     )
+    train.add_argument(
+        "--concepts",
+        type=Path,
+        help="concept list YAML that the embeddings were encoded from (default: "
+        "the packaged list)",
+    )
     train.add_argument("--folds", type=positive_int, default=5, help="default: 5")
     train.add_argument("--seed", type=_seed, default=0, help="default: 0")
     train.add_argument(
@@ -253,7 +259,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.concept_embeddings is not None:
         text = load_text_embeddings(args.concept_embeddings)
     else:
-        ids = load_concepts().ids
+        ids = load_concepts(args.concepts).ids
         proj_dim = check_consistent([slides[0].features_path]).proj_dim
         text = TextEmbeddings(ids, seeded_text_embeddings(ids, proj_dim), "seeded-demo")
     config = TrainConfig(
@@ -269,7 +275,14 @@ def _train(args: argparse.Namespace) -> int:
             device=args.device,
         ),
     )
-    result = train_cohort(slides, text, args.out, config, version=args.version)
+    result = train_cohort(
+        slides,
+        text,
+        args.out,
+        config,
+        concepts_path=args.concepts,
+        version=args.version,
+    )
     auc = result.metrics["risk_auc"]
     f1 = result.metrics["site_macro_f1"]
     calibration = result.calibration

@@ -296,3 +296,42 @@ def test_train_command_rejects_bad_labels(trained, tmp_path):
     assert completed.returncode == 3
     assert "labels.csv line 2: site 'bone' on a non-metastatic case" in completed.stderr
     assert not (tmp_path / "bundle").exists()
+
+
+def test_bundle_keeps_concept_list_and_golden(trained):
+    from histomet.models.concepts import concept_list_text
+
+    _, _, result = trained
+    assert (result.bundle / "concepts.yaml").read_text() == concept_list_text()
+    bundle = load_bundle(result.bundle)
+    golden = bundle.golden()
+    with torch.no_grad():
+        output = bundle.site(
+            torch.from_numpy(golden["embedding"]), torch.from_numpy(golden["projected"])
+        )
+    assert np.array_equal(output.probabilities.numpy(), golden["site_probabilities"])
+    assert golden["embedding"].shape[0] == 37
+
+
+def test_export_rejects_graph_off_golden(trained, tmp_path):
+    from histomet.errors import ExportError
+    from histomet.export.bundle import check_golden
+    from histomet.export.onnx import export_mil_step
+
+    _, _, result = trained
+    bundle = load_bundle(result.bundle)
+    graph = tmp_path / "risk_mil.onnx"
+    export_mil_step(bundle.risk, graph)
+    golden = bundle.golden()
+    check_golden(graph, "risk", golden)
+    golden["risk_probabilities"] = golden["risk_probabilities"] + 1e-3
+    with pytest.raises(ExportError, match="differs from the bundle's golden outputs"):
+        check_golden(graph, "risk", golden)
+
+
+def test_training_rejects_other_concept_ids(trained, tmp_path):
+    _, slides, _ = trained
+    text = text_embeddings()
+    reordered = TextEmbeddings(text.ids[::-1], text.embeddings[::-1], text.source)
+    with pytest.raises(InputError, match="Pass the --concepts file"):
+        train_cohort(slides, reordered, tmp_path / "bundle", FAST)

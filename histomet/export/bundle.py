@@ -34,6 +34,7 @@ from histomet.export.repository import write_repository
 __all__ = [
     "ENCODER_SCHEMA",
     "EncoderFolder",
+    "check_golden",
     "export_bundle",
     "export_encoder_folder",
     "read_encoder_folder",
@@ -144,6 +145,47 @@ def read_encoder_folder(folder: Path) -> EncoderFolder:
     )
 
 
+def check_golden(graph: Path, kind: str, golden: dict, atol: float = 1e-4) -> None:
+    """Run a MIL step graph on the bundle's golden bag and compare with torch.
+
+    The whole bag goes in one step from the empty state, so the graph's
+    probabilities must equal the torch outputs stored at training time.
+    """
+    import onnxruntime
+
+    from histomet.models.mil import initial_state
+
+    session = onnxruntime.InferenceSession(
+        str(graph), providers=["CPUExecutionProvider"]
+    )
+    hidden_dim = session.get_inputs()[4].shape[0]
+    state_max, state_sum, state_weighted = initial_state(hidden_dim)
+    inputs = dict(
+        zip(
+            spec.ONNX_MIL_INPUTS,
+            (
+                golden["embedding"],
+                golden["projected"],
+                state_max,
+                state_sum,
+                state_weighted,
+            ),
+        )
+    )
+    probabilities = session.run(["probabilities"], inputs)[0]
+    expected = golden[f"{kind}_probabilities"]
+    difference = float(abs(probabilities - expected).max())
+    if difference > atol:
+        raise ExportError(
+            f"the exported {kind} graph differs from the bundle's golden outputs by "
+            f"{difference:.2e} (tolerance {atol:.0e})",
+            "Report this with the bundle; the graph was not written",
+        )
+    _LOGGER.info(
+        "%s graph matches the golden outputs (max diff %.2e)", kind, difference
+    )
+
+
 def export_bundle(
     bundle_path: Path,
     encoder_folder: Path,
@@ -177,6 +219,7 @@ def export_bundle(
         for kind, model in (("risk", bundle.risk), ("site", bundle.site)):
             paths[kind] = folder / f"{kind}_mil.onnx"
             export_mil_step(model, paths[kind])
+            check_golden(paths[kind], kind, bundle.golden())
         graphs = ExportedGraphs(
             encoder=encoder.onnx_path, risk_mil=paths["risk"], site_mil=paths["site"]
         )

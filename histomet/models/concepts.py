@@ -35,6 +35,7 @@ __all__ = [
     "ConceptDefinition",
     "ConceptList",
     "build_demo_concept_bank",
+    "concept_list_text",
     "concept_scores",
     "learned_concept_id",
     "TextEmbeddings",
@@ -80,18 +81,21 @@ class ConceptList:
         return tuple(concept.id for concept in self.concepts)
 
 
+def concept_list_text(path: str | Path | None = None) -> str:
+    """Return a concept list YAML's text (the packaged demo list when ``path`` is None)."""
+    if path is None:
+        return resources.files("histomet").joinpath("data/concepts.yaml").read_text()
+    return Path(path).read_text()
+
+
 def load_concepts(path: str | Path | None = None) -> ConceptList:
     """Read a concept list YAML (the packaged demo list when ``path`` is None).
 
     Raises :class:`InputError` for a missing ``concepts`` list, an entry without
     ``id`` or ``phrase``, or a repeated id.
     """
-    if path is None:
-        text = resources.files("histomet").joinpath("data/concepts.yaml").read_text()
-        source_name = "histomet/data/concepts.yaml"
-    else:
-        text = Path(path).read_text()
-        source_name = str(path)
+    text = concept_list_text(path)
+    source_name = "histomet/data/concepts.yaml" if path is None else str(path)
     document = yaml.safe_load(text) or {}
 
     entries = document.get("concepts")

@@ -7,7 +7,10 @@ Layout (schema ``histomet.bundle/1``)::
                               site labels, concept ids, threshold, file checksums
       risk_mil.pt             risk head state dict (torch.save, weights only)
       site_mil.pt             site head state dict
+      concepts.yaml           the concept list (ids, phrases, prompt templates)
       concept_embeddings.npz  text-concept embeddings, their ids and source
+      golden.npz              a seeded input bag and both heads' torch outputs,
+                              which export checks the ONNX graphs against
       calibration.json        threshold and what it achieves, bootstrap intervals
       metrics.json            cross-validated metrics, {"mean", "std", "folds"}
       MODEL_CARD.md           intended use, data summary, metrics, limits
@@ -28,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from histomet.errors import InputError
@@ -42,6 +46,7 @@ __all__ = [
     "BUNDLE_SCHEMA",
     "Bundle",
     "EncoderIdentity",
+    "golden_outputs",
     "load_bundle",
     "write_bundle",
 ]
@@ -56,6 +61,11 @@ CONCEPT_EMBEDDINGS = "concept_embeddings.npz"
 CALIBRATION_JSON = "calibration.json"
 METRICS_JSON = "metrics.json"
 MODEL_CARD = "MODEL_CARD.md"
+CONCEPTS_YAML = "concepts.yaml"
+GOLDEN = "golden.npz"
+# Instances in the golden bag: not a power of two, so a graph that fixed its
+# bag size to an export example would be caught.
+GOLDEN_BAG_SIZE = 37
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,30 @@ class Bundle:
     def sensitivity_target(self) -> float:
         return float(self.description["sensitivity_target"])
 
+    def golden(self) -> dict[str, np.ndarray]:
+        """Return the golden bag and the heads' outputs on it, as written at training."""
+        with np.load(self.path / GOLDEN, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+
+def golden_outputs(risk: ConceptMIL, site: ConceptMIL, seed: int = 0) -> dict:
+    """Return a seeded bag and both heads' whole-bag outputs on it."""
+    rng = np.random.default_rng(seed)
+    embedding = rng.standard_normal((GOLDEN_BAG_SIZE, risk.config.embed_dim))
+    projected = rng.standard_normal((GOLDEN_BAG_SIZE, risk.config.proj_dim))
+    projected /= np.linalg.norm(projected, axis=1, keepdims=True)
+    embedding = embedding.astype(np.float32)
+    projected = projected.astype(np.float32)
+    outputs = {"embedding": embedding, "projected": projected}
+    with torch.no_grad():
+        for kind, model in (("risk", risk), ("site", site)):
+            result = model.eval()(
+                torch.from_numpy(embedding), torch.from_numpy(projected)
+            )
+            outputs[f"{kind}_probabilities"] = result.probabilities.numpy()
+            outputs[f"{kind}_attention"] = result.attention.numpy()
+    return outputs
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -124,6 +158,7 @@ def write_bundle(
     site: ConceptMIL,
     site_labels: tuple[str, ...],
     text: TextEmbeddings,
+    concept_list_yaml: str,
     calibration: dict,
     metrics: dict,
     training: dict,
@@ -146,6 +181,9 @@ def write_bundle(
         torch.save(risk.state_dict(), staging / RISK_WEIGHTS)
         torch.save(site.state_dict(), staging / SITE_WEIGHTS)
         save_text_embeddings(staging / CONCEPT_EMBEDDINGS, text)
+        (staging / CONCEPTS_YAML).write_text(concept_list_yaml)
+        with open(staging / GOLDEN, "wb") as handle:
+            np.savez(handle, **golden_outputs(risk, site))
         _write_json(staging / CALIBRATION_JSON, calibration)
         _write_json(staging / METRICS_JSON, metrics)
         (staging / MODEL_CARD).write_text(model_card)
@@ -153,6 +191,8 @@ def write_bundle(
             RISK_WEIGHTS,
             SITE_WEIGHTS,
             CONCEPT_EMBEDDINGS,
+            CONCEPTS_YAML,
+            GOLDEN,
             CALIBRATION_JSON,
             METRICS_JSON,
             MODEL_CARD,

@@ -30,6 +30,8 @@ from histomet.errors import InputError
 from histomet.features.h5 import FeatureMetadata
 from histomet.models.concepts import ConceptBank
 from histomet.models.concepts import TextEmbeddings
+from histomet.models.concepts import concept_list_text
+from histomet.models.concepts import load_concepts
 from histomet.models.mil import MILConfig
 from histomet.train.bundle import EncoderIdentity
 from histomet.train.bundle import write_bundle
@@ -240,9 +242,22 @@ def train_cohort(
     out: Path,
     config: TrainConfig,
     *,
+    concepts_path: Path | None = None,
     version: str | None = None,
 ) -> TrainingResult:
-    """Cross-validate both heads, calibrate, refit on all slides and write the bundle."""
+    """Cross-validate both heads, calibrate, refit on all slides and write the bundle.
+
+    ``concepts_path`` is the concept list YAML that ``text`` was encoded from
+    (the packaged list when None); it is copied into the bundle, and its ids
+    must be the ids of ``text`` in the same order.
+    """
+    concept_list = load_concepts(concepts_path)
+    if concept_list.ids != text.ids:
+        raise InputError(
+            f"the concept list has ids {list(concept_list.ids)[:4]}... but the "
+            f"concept embeddings have {list(text.ids)[:4]}...",
+            "Pass the --concepts file that histomet concepts encode read",
+        )
     metadata = check_consistent([s.features_path for s in slides])
     sites = distinct_sites(slides)
     if len(sites) < 2:
@@ -372,6 +387,7 @@ def train_cohort(
         site=final_site,
         site_labels=sites,
         text=text,
+        concept_list_yaml=concept_list_text(concepts_path),
         calibration=calibration,
         metrics=metrics,
         training=training,
