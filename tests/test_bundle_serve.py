@@ -1,10 +1,11 @@
 """A trained bundle exports, serves through the real ensemble, and matches torch.
 
-The chain is the one a user runs: export a (tiny, random) encoder folder,
-``histomet embed`` a real slide with it, train on a synthetic cohort recorded
-as that encoder's features, export the bundle, serve it with tritonserver and
-predict the slide with ``histomet-client``. The served risk must equal the
-bundle's torch risk on the embedded features of the same slide.
+The test runs the user's chain. It exports a tiny encoder folder with random
+weights and embeds a real slide with ``histomet embed``. It trains on a
+synthetic cohort recorded as that encoder's features, exports the bundle,
+serves it with tritonserver and predicts the slide with ``histomet-client``.
+The served risk must equal the bundle's torch risk on the slide's embedded
+features.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def test_served_contract_comes_from_bundle(chain, served_result):
     bundle = load_bundle(bundle_path)
     assert served_result["risk"]["threshold"] == pytest.approx(bundle.risk_threshold)
     assert served_result["model"]["version"] == bundle.version
-    # The encoder weights are random, so the result says so.
+    # The encoder weights are random, so the result must carry the notice.
     assert served_result["model"]["demo_weights"] is True
     assert served_result["notice"]
     high = served_result["risk"]["probability"] >= bundle.risk_threshold

@@ -40,7 +40,7 @@ _COLOUR_STOPS = np.array(
 
 @dataclass
 class TileMaps:
-    """What a prediction keeps for interpretation outputs, filled by ``predict_slide``.
+    """Per-tile outputs of one prediction, filled by ``predict_slide``.
 
     ``thumbnail`` is set only when ``want_thumbnail`` is true, since reading it
     costs a second pass over the slide's lowest pyramid level.

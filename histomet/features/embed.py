@@ -3,7 +3,7 @@
 Features come from the exported encoder graph, run either in process with ONNX
 Runtime (an encoder folder) or by the served ``patch_encoder`` model of a
 running Triton server. Tiling follows the same rules as prediction (tile size,
-target MPP, tissue fraction), so training sees the tiles that serving sees.
+target MPP, tissue fraction), so training and serving use the same tiles.
 
 A slide whose ``SLIDE_ID.h5`` exists is skipped, and files are renamed into
 place only when complete, so an interrupted run resumes where it stopped.

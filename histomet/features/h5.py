@@ -39,7 +39,7 @@ FEATURES_SCHEMA = "histomet.features/1"
 
 @dataclass(frozen=True)
 class FeatureMetadata:
-    """What produced a features file: encoder identity and tiling."""
+    """Provenance and shapes of a features file: encoder identity and tiling."""
 
     encoder_sha256: str
     tile_px: int

@@ -173,7 +173,7 @@ def write_bundle(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(
             f"bundle folder {out} exists and is not empty",
-            "Give a new --out folder; bundles are never overwritten",
+            "Give a new --out folder, because bundles are never overwritten",
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
@@ -234,7 +234,7 @@ def _read_description(path: Path) -> dict:
     if schema != BUNDLE_SCHEMA:
         raise InputError(
             f"unsupported bundle schema {schema!r} in {path}",
-            f"This version reads {BUNDLE_SCHEMA}; retrain or upgrade histomet",
+            f"This version reads {BUNDLE_SCHEMA}, so retrain or upgrade histomet",
         )
     for name, expected in description["files_sha256"].items():
         file = path / name

@@ -3,7 +3,8 @@
 For fold ``k`` of ``K`` patient-level folds, fold ``k`` is held out for the
 metrics, fold ``k + 1`` (mod ``K``) decides early stopping, and the rest
 trains, so no held-out metric depends on a choice made with the held-out
-patients. The site head sees only metastatic slides that have a site label.
+patients. The site head trains and is evaluated only on metastatic slides
+that have a site label.
 
 Calibration uses the pooled out-of-fold risk predictions. The threshold
 reported for fold ``k`` is chosen on the other folds' predictions only. The
@@ -84,7 +85,7 @@ class TrainConfig:
 
 @dataclass
 class TrainingResult:
-    """What a run produced: the bundle path and its metrics and calibration."""
+    """Result of a training run: the bundle path, its metrics and calibration."""
 
     bundle: Path
     metrics: dict
@@ -144,7 +145,7 @@ def _fold_metrics(
 ) -> dict[str, float]:
     held_out = folds == fold
     others = ~held_out
-    # The fold's threshold never sees the fold's own predictions.
+    # The fold's threshold is chosen without the fold's own predictions.
     threshold = choose_threshold(metastasis[others], risk[others], target)
     sensitivity, specificity = sensitivity_specificity(
         metastasis[held_out], risk[held_out], threshold
@@ -247,9 +248,9 @@ def train_cohort(
 ) -> TrainingResult:
     """Cross-validate both heads, calibrate, refit on all slides and write the bundle.
 
-    ``concepts_path`` is the concept list YAML that ``text`` was encoded from
-    (the packaged list when None); it is copied into the bundle, and its ids
-    must be the ids of ``text`` in the same order.
+    ``concepts_path`` is the concept list YAML that ``text`` was encoded from,
+    or the packaged list when None. It is copied into the bundle. Its ids must
+    be the ids of ``text``, in the same order.
     """
     concept_list = load_concepts(concepts_path)
     if concept_list.ids != text.ids:

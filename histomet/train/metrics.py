@@ -83,7 +83,7 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
 def macro_ovr_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """Return the mean one-vs-rest AUC over the classes present in ``labels``.
 
-    ``labels`` holds class indices into the columns of ``probabilities [n, C]``.
+    ``labels`` contains class indices into the columns of ``probabilities [n, C]``.
     With every class present this equals ``sklearn.metrics.roc_auc_score(...,
     multi_class="ovr", average="macro")``. scikit-learn raises when a class is
     absent, but a small validation fold often lacks a rare site, so such a
