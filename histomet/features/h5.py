@@ -96,6 +96,9 @@ def write_features(
 
 
 def _metadata(handle: h5py.File, path: Path) -> FeatureMetadata:
+    # NOTE: files written by TRIDENT itself lack ``projected``. It could be
+    # rebuilt from ``features`` with the encoder's ``proj_contrast`` matrix, but
+    # that path is not implemented, so such files must be extracted again.
     for name in ("features", "projected", "coords"):
         if name not in handle:
             raise InputError(
