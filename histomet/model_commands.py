@@ -283,16 +283,37 @@ def _train(args: argparse.Namespace) -> int:
         concepts_path=args.concepts,
         version=args.version,
     )
-    auc = result.metrics["risk_auc"]
-    f1 = result.metrics["site_macro_f1"]
-    calibration = result.calibration
-    print(
-        f"histomet: wrote bundle {result.bundle}: risk AUC {auc['mean']:.3f}, site "
-        f"macro F1 {f1['mean']:.3f}, threshold {calibration['threshold']:.4g} "
-        f"(sensitivity {calibration['sensitivity']:.3f}, workload reduction "
-        f"{calibration['workload_reduction']:.3f})"
-    )
+    print(f"histomet: wrote bundle {result.bundle}")
+    print(_training_summary(result.metrics, result.calibration))
     return 0
+
+
+def _mean_std(summary: dict) -> str:
+    if summary["mean"] is None:
+        return "undefined"
+    if summary["std"] is None:
+        return f"{summary['mean']:.3f}"
+    return f"{summary['mean']:.3f} +/- {summary['std']:.3f}"
+
+
+def _training_summary(metrics: dict, calibration: dict) -> str:
+    """Return the cross-validated metrics and the operating point as text lines."""
+    sensitivity_low, sensitivity_high = calibration["sensitivity_interval"]
+    reduction_low, reduction_high = calibration["workload_reduction_interval"]
+    confidence = round(100 * calibration["confidence"])
+    return "\n".join(
+        [
+            f"risk AUC            {_mean_std(metrics['risk_auc'])} (mean +/- std over folds)",
+            f"site macro F1       {_mean_std(metrics['site_macro_f1'])}",
+            f"site macro AUC      {_mean_std(metrics['site_macro_auc'])}",
+            f"threshold           {calibration['threshold']:.6g} for sensitivity >= "
+            f"{calibration['sensitivity_target']:.2f} on out-of-fold predictions",
+            f"sensitivity         {calibration['sensitivity']:.3f} ({confidence}% bootstrap "
+            f"interval {sensitivity_low:.3f} to {sensitivity_high:.3f})",
+            f"workload reduction  {calibration['workload_reduction']:.3f} ({confidence}% "
+            f"bootstrap interval {reduction_low:.3f} to {reduction_high:.3f})",
+        ]
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
