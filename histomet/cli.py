@@ -6,7 +6,10 @@ Commands:
   model version (seeded random weights) and write a Triton repository for the
   embedded ``cpu`` server or the NGC container's ``gpu`` backends;
 * ``histomet serve --repository DIR``: run the embedded ``tritonserver`` on
-  127.0.0.1 until Ctrl-C or SIGTERM.
+  127.0.0.1 until Ctrl-C or SIGTERM;
+* ``histomet export encoder``, ``histomet embed``, ``histomet concepts encode``,
+  ``histomet train`` and ``histomet export bundle``: build a trained version
+  (see ``histomet.model_commands``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from histomet.arguments import port_number
 from histomet.arguments import positive_float
 from histomet.errors import HistometError
 from histomet.errors import UsageError
+from histomet.model_commands import MODEL_COMMANDS
+from histomet.model_commands import add_export_kinds
+from histomet.model_commands import add_model_commands
+from histomet.model_commands import run_model_command
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -101,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_registry_parser(commands)
+    add_export_kinds(export_kinds)
+    add_model_commands(commands)
 
     serve = commands.add_parser("serve", help="run tritonserver on 127.0.0.1")
     serve.add_argument(
@@ -430,10 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
-        if args.command == "export":
+        if args.command == "export" and args.kind == "demo":
             return _export(args)
         if args.command == "registry":
             return _registry(args)
+        if args.command in MODEL_COMMANDS or args.command == "export":
+            return run_model_command(args)
     except HistometError as error:
         if args.debug:
             _LOGGER.exception("command failed")

@@ -187,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--quiet", action="store_true", help="print nothing but errors"
     )
+    predict.add_argument(
+        "--heatmap",
+        type=_non_empty_path,
+        help="write the risk attention over the slide thumbnail to this PNG file",
+    )
+    predict.add_argument(
+        "--geojson",
+        type=_non_empty_path,
+        help="write every tile as a GeoJSON polygon in level-0 pixels, with its "
+        "attention and top concepts as properties",
+    )
+    predict.add_argument(
+        "--per-tile",
+        action="store_true",
+        help="add every tile's attention and top concepts to the JSON result "
+        "(key 'tiles')",
+    )
     return parser
 
 
@@ -330,12 +347,56 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_map_path(path: Path, option: str, slide: Path) -> Path:
+    """Return ``path`` for an interpretation output, or raise ``UsageError`` before any work."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder", "give a file path")
+    if not path.parent.is_dir():
+        raise UsageError(
+            f"{option} folder {path.parent} does not exist", "create it first"
+        )
+    if path.exists() and slide.exists() and path.samefile(slide):
+        raise UsageError(
+            f"{option} points at the input slide", "give another file path"
+        )
+    return path
+
+
+def _write_maps(args: argparse.Namespace, maps, result: dict) -> None:
+    from histomet.client.interpret import tile_records
+    from histomet.client.interpret import write_geojson
+    from histomet.client.interpret import write_heatmap
+
+    if result["status"] != "ok":
+        return
+    if args.per_tile:
+        result["tiles"] = tile_records(maps)
+    for option, path, write in (
+        ("--heatmap", args.heatmap, write_heatmap),
+        ("--geojson", args.geojson, write_geojson),
+    ):
+        if path is None:
+            continue
+        try:
+            write(path, maps)
+        except OSError as error:
+            raise HistometError(
+                f"cannot write {option} {path} ({error.strerror})",
+                "free space or give another path, then run again",
+            ) from error
+
+
 def _predict(args: argparse.Namespace) -> int:
     from histomet.client import metrics
+    from histomet.client.interpret import TileMaps
     from histomet.client.predict import PredictOptions
     from histomet.client.predict import predict_slide
 
     output = check_output_path(args.json, args.slide) if args.json is not None else None
+    for option, path in (("--heatmap", args.heatmap), ("--geojson", args.geojson)):
+        if path is not None:
+            check_map_path(path, option, args.slide)
+    maps = TileMaps(want_thumbnail=args.heatmap is not None)
     options = PredictOptions(
         url=args.url,
         model=args.model,
@@ -358,8 +419,9 @@ def _predict(args: argparse.Namespace) -> int:
         _LOGGER.info("client metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
     try:
         with NativeOutputMonitor(_secrets(args)):
-            result = predict_slide(args.slide, options)
+            result = predict_slide(args.slide, options, maps)
         metrics.record_model(result["model"])
+        _write_maps(args, maps, result)
         if output is not None:
             try:
                 write_json(output, result)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from histomet.client import metrics
+from histomet.client.interpret import TileMaps
 from histomet.client.native_output import NativeOutputMonitor
 from histomet.client.native_output import active_monitor
 from histomet.client.served_model import ServedModel
@@ -162,9 +163,13 @@ def _no_tissue_result(
     return result
 
 
-def predict_slide(path: Path, options: PredictOptions) -> dict:
+def predict_slide(
+    path: Path, options: PredictOptions, maps: TileMaps | None = None
+) -> dict:
     """Run the whole prediction for one slide and return the result dict.
 
+    When ``maps`` is given, it is filled with the per-tile outputs that the
+    heatmap and GeoJSON writers in ``histomet.client.interpret`` need.
     Raises a ``HistometError`` subclass for every failure the user can act on.
     A slide with no tissue returns a result with ``status`` "no_tissue" and no
     risk, and sends no inference request.
@@ -246,6 +251,10 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
                 max_in_flight=options.max_in_flight,
                 response_timeout_s=options.timeout_s,
             )
+            if maps is not None and maps.want_thumbnail:
+                maps.thumbnail, maps.thumbnail_downsample = slide.thumbnail(
+                    THUMBNAIL_MAX_PX
+                )
         # A reader that printed a decode error may have returned made-up pixels,
         # so the prediction is discarded.
         _check_decode_errors(monitor, output_mark, display_name)
@@ -259,6 +268,12 @@ def predict_slide(path: Path, options: PredictOptions) -> dict:
         concepts, top_tiles = _interpretation(
             stream, grid.coords_l0, model_spec.concept_ids
         )
+        if maps is not None:
+            maps.coords_l0 = grid.coords_l0
+            maps.tile_size_l0 = grid.tile_size_l0
+            maps.attention_logits = stream.risk_attention
+            maps.concept_scores = stream.concept_scores
+            maps.concept_ids = model_spec.concept_ids
         labels = model_spec.site_labels
         site = {
             "evaluated": stream.site_evaluated,

@@ -5,9 +5,11 @@ from the vision-language model's text encoder) or data-adaptive (a vector
 learned with the MIL head). A tile's score for a concept is the cosine between
 its projected image embedding and the concept's embedding.
 
-NOTE: no text encoder is wired in yet. The text concepts' embeddings are seeded
-random unit vectors (:func:`seeded_text_embeddings`), and a bank built from
-them records ``text_embeddings_source = "seeded-demo"``.
+Text embeddings come from CONCH's text tower through ``histomet concepts
+encode`` (:mod:`histomet.models.text`, optional ``conch`` extra), stored as an
+``.npz`` by :func:`save_text_embeddings`. The demo version and training without
+that file use seeded random unit vectors (:func:`seeded_text_embeddings`), and
+a bank built from them records ``text_embeddings_source = "seeded-demo"``.
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ __all__ = [
     "ConceptDefinition",
     "ConceptList",
     "build_demo_concept_bank",
+    "concept_list_text",
     "concept_scores",
     "learned_concept_id",
+    "TextEmbeddings",
     "load_concepts",
+    "load_text_embeddings",
+    "save_text_embeddings",
     "seeded_text_embeddings",
 ]
 
@@ -75,18 +81,21 @@ class ConceptList:
         return tuple(concept.id for concept in self.concepts)
 
 
+def concept_list_text(path: str | Path | None = None) -> str:
+    """Return a concept list YAML's text (the packaged demo list when ``path`` is None)."""
+    if path is None:
+        return resources.files("histomet").joinpath("data/concepts.yaml").read_text()
+    return Path(path).read_text()
+
+
 def load_concepts(path: str | Path | None = None) -> ConceptList:
     """Read a concept list YAML (the packaged demo list when ``path`` is None).
 
     Raises :class:`InputError` for a missing ``concepts`` list, an entry without
     ``id`` or ``phrase``, or a repeated id.
     """
-    if path is None:
-        text = resources.files("histomet").joinpath("data/concepts.yaml").read_text()
-        source_name = "histomet/data/concepts.yaml"
-    else:
-        text = Path(path).read_text()
-        source_name = str(path)
+    text = concept_list_text(path)
+    source_name = "histomet/data/concepts.yaml" if path is None else str(path)
     document = yaml.safe_load(text) or {}
 
     entries = document.get("concepts")
@@ -135,6 +144,55 @@ def seeded_text_embeddings(
         vector = rng.standard_normal(dim)
         rows.append(vector / np.linalg.norm(vector))
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Text-concept embeddings ``[K, P]`` with their ids and provenance.
+
+    ``source`` is ``seeded-demo`` for random stand-ins, or names the text
+    encoder, for example ``conch-text:<checkpoint sha256 prefix>``.
+    """
+
+    ids: tuple[str, ...]
+    embeddings: np.ndarray
+    source: str
+
+
+def save_text_embeddings(path: Path, text: TextEmbeddings) -> None:
+    """Write ``ids``, ``embeddings`` and ``source`` to an ``.npz`` file."""
+    with open(path, "wb") as handle:
+        np.savez(
+            handle,
+            ids=np.asarray(text.ids, dtype=np.str_),
+            embeddings=text.embeddings.astype(np.float32),
+            source=np.asarray(text.source, dtype=np.str_),
+        )
+
+
+def load_text_embeddings(path: Path) -> TextEmbeddings:
+    """Read a file written by :func:`save_text_embeddings`.
+
+    Raises :class:`InputError` when an array is missing or the ids and rows
+    disagree.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        missing = [key for key in ("ids", "embeddings", "source") if key not in data]
+        if missing:
+            raise InputError(
+                f"concept embeddings file {path.name} lacks {missing}",
+                "Write it with histomet concepts encode",
+            )
+        ids = tuple(str(v) for v in data["ids"])
+        embeddings = np.asarray(data["embeddings"], dtype=np.float32)
+        source = str(data["source"])
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+        raise InputError(
+            f"concept embeddings file {path.name} has {len(ids)} ids but "
+            f"embeddings of shape {embeddings.shape}",
+            "Write it again with histomet concepts encode",
+        )
+    return TextEmbeddings(ids, embeddings, source)
 
 
 def learned_concept_id(index: int) -> str:

@@ -8,12 +8,13 @@ with one query, a LayerNorm, and a square projection. Parameter names follow
 that code, so the ``visual.*`` entries of a CONCH checkpoint load by name once
 the prefix is stripped (see :func:`select_vision_tower_state`).
 
-NOTE: names and shapes were read from CONCH's source and timm's
-``vision_transformer.py``, not checked against a real ``pytorch_model.bin`` or
-against the ``conch`` package's outputs. Unverified: that the released weights
-use timm's default LayerNorm eps (1e-6 in the trunk, 1e-5 in the pooler and
-``ln_contrast``), exact GELU, and that no other trunk options (layer scale,
-register tokens, fc_norm) are set.
+With the same random weights, this tower's outputs match ``CoCa.encode_image``
+of ``conch-fork`` 0.1.0 within 1e-5 (``tests/test_conch_parity.py``, which
+needs the optional ``conch`` extra). That test builds CoCa from conch's own
+config, so the names, norms and activation are the package's.
+
+NOTE: not yet loaded from the gated released ``pytorch_model.bin``, so a key
+that exists only in the release file would still be reported as unexpected.
 """
 
 from __future__ import annotations

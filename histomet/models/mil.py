@@ -166,6 +166,23 @@ class ConceptMIL(nn.Module):
             return torch.softmax(logits, dim=-1)
         return torch.sigmoid(logits)
 
+    def batch_logits(
+        self, embedding: torch.Tensor, projected: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool a padded batch of bags and return ``(logits, attention)``.
+
+        Takes ``embedding [B, N, embed_dim]``, ``projected [B, N, proj_dim]``
+        and a bool ``mask [B, N]`` that is True on real instances, at least one
+        per bag. Returns the head's pre-activation ``logits [B, n_outputs]``,
+        for a numerically stable loss, and ``attention [B, N]``, which is 0 on
+        padding. Each bag's result equals :meth:`forward` on its real instances.
+        """
+        features, _ = self.instance_features(embedding, projected)
+        logits = self.attention_logits(features).masked_fill(~mask, float("-inf"))
+        attention = torch.softmax(logits, dim=1)
+        pooled = torch.einsum("bn,bnh->bh", attention, features)
+        return self.head(pooled), attention
+
     def forward(self, embedding: torch.Tensor, projected: torch.Tensor) -> MILOutput:
         """Pool a whole bag of ``N >= 1`` instances.
 
