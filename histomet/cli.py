@@ -218,7 +218,14 @@ def _registry(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.registry_uri:
+    if args.registry_uri and args.registry_uri.startswith("sqlite:///"):
+        # Keep a SQLite registry's artifacts beside its database, not in the
+        # current folder, where MLflow would put them.
+        database = Path(args.registry_uri.removeprefix("sqlite:///"))
+        registry = Registry(
+            args.registry_uri, artifact_root=database.parent / "artifacts"
+        )
+    elif args.registry_uri:
         registry = Registry(args.registry_uri)
     else:
         folder = Path("registry")

@@ -16,6 +16,7 @@ from histomet.arguments import OneLineErrorParser
 from histomet.arguments import positive_float
 from histomet.arguments import positive_int
 from histomet.errors import InputError
+from histomet.errors import UsageError
 
 __all__ = ["add_export_kinds", "add_model_commands", "run_model_command"]
 
@@ -84,8 +85,19 @@ def add_export_kinds(export_kinds: argparse._SubParsersAction) -> None:
         required=True,
         help="encoder folder whose features the bundle was trained on",
     )
+    bundle.add_argument("--repository", type=Path, help="repository folder to write")
     bundle.add_argument(
-        "--repository", type=Path, required=True, help="repository folder to write"
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="with --repository: the embedded server (cpu) or the NGC container "
+        "(gpu) (default: cpu)",
+    )
+    bundle.add_argument(
+        "--version-bundle",
+        type=Path,
+        help="write a version bundle for the registry to this new folder instead "
+        "of a repository",
     )
     bundle.add_argument(
         "--work-dir",
@@ -337,12 +349,32 @@ def _export(args: argparse.Namespace) -> int:
 
     from histomet.export.bundle import export_bundle
 
+    if (args.repository is None) == (args.version_bundle is None):
+        raise UsageError(
+            "export bundle needs exactly one of --repository and --version-bundle",
+            "pass --repository DIR to serve it, or --version-bundle DIR to register it",
+        )
+    gpu_options = None
+    if args.target == "gpu":
+        from histomet.export.gpu import GpuServingOptions
+
+        gpu_options = GpuServingOptions()
     model_spec = export_bundle(
-        args.bundle, args.encoder, args.repository, work_dir=args.work_dir
+        args.bundle,
+        args.encoder,
+        args.repository,
+        gpu_options=gpu_options,
+        version_bundle=args.version_bundle,
+        work_dir=args.work_dir,
     )
     note = ", demo encoder weights: random" if model_spec.demo_weights else ""
+    written = (
+        f"version bundle {args.version_bundle}"
+        if args.version_bundle is not None
+        else f"{args.target} repository {args.repository}"
+    )
     print(
-        f"histomet: wrote repository {args.repository} (version {model_spec.version}, "
+        f"histomet: wrote {written} (version {model_spec.version}, "
         f"manifest {model_spec.manifest_sha256[:12]}{note})"
     )
     return 0

@@ -258,3 +258,60 @@ def test_heatmap_png(chain, served_result):
         assert image.mode == "RGB"
         assert max(image.size) <= 2048
         assert min(image.size) > 0
+
+
+def test_trained_bundle_goes_through_the_registry(chain, tmp_path):
+    """export bundle --version-bundle, then register, promote and verify it."""
+    pytest.importorskip("mlflow", reason="the registry needs the registry extra")
+    from histomet.registry.store import Registry
+    from histomet.registry.store import default_registry_uri
+    from histomet.registry.version_bundle import load_bundle as load_version_bundle
+
+    root, bundle_path, _, _ = chain
+    encoder_dir = root / "encoder"
+    version_bundle = tmp_path / "version-bundle"
+    completed = run(
+        "histomet",
+        "export",
+        "bundle",
+        str(bundle_path),
+        "--encoder",
+        str(encoder_dir),
+        "--version-bundle",
+        str(version_bundle),
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "wrote version bundle" in completed.stdout
+    loaded = load_version_bundle(version_bundle)
+    trained = load_bundle(bundle_path)
+    assert loaded.spec.version == trained.version
+    assert loaded.spec.risk_threshold == pytest.approx(trained.risk_threshold)
+    for name in ("training_bundle.json", "metrics.json", "MODEL_CARD.md"):
+        assert f"extra/{name}" in loaded.files, name
+    metrics = json.loads((version_bundle / "extra" / "metrics.json").read_text())
+    assert set(metrics) >= {"risk_auc", "sensitivity", "workload_reduction"}
+
+    folder = tmp_path / "registry"
+    registry = Registry(
+        default_registry_uri(folder), artifact_root=folder / "artifacts"
+    )
+    info = registry.register("histomet", version_bundle)
+    assert info.manifest_sha256 == loaded.served_manifest_sha256
+    assert info.spec_version == trained.version
+    registry.promote("histomet", info.version, reason="trained on the cohort")
+    assert registry.verify("histomet", "production").digest == loaded.digest
+
+    both = run(
+        "histomet",
+        "export",
+        "bundle",
+        str(bundle_path),
+        "--encoder",
+        str(encoder_dir),
+        "--version-bundle",
+        str(tmp_path / "again"),
+        "--repository",
+        str(tmp_path / "repository"),
+    )
+    assert both.returncode == 2
+    assert "exactly one of --repository and --version-bundle" in both.stderr

@@ -378,11 +378,12 @@ def test_remote_mlflow_server_on_loopback(tmp_path, bundles):
             server.wait(timeout=30)
 
 
-def test_registry_cli_round_trip(tmp_path, bundles, capsys):
+def test_registry_cli_round_trip(tmp_path, bundles, capsys, monkeypatch):
     from histomet.cli import main
 
     uri = default_registry_uri(tmp_path / "registry")
     base = ["registry", "--registry-uri", uri]
+    monkeypatch.chdir(tmp_path)
     assert main([*base, "register", "histomet-risk", str(bundles["seed0"])]) == 0
     assert "registered histomet-risk version 1" in capsys.readouterr().out
     assert main([*base, "promote", "histomet-risk", "1", "--reason", "go"]) == 0
@@ -401,6 +402,9 @@ def test_registry_cli_round_trip(tmp_path, bundles, capsys):
     assert "no earlier production version" in capsys.readouterr().err
     assert main([*base, "register", "../x", str(bundles["seed0"])]) == 2
     assert "invalid model name '../x'" in capsys.readouterr().err
+    # The artifacts sit beside the database, not in the working folder.
+    assert (tmp_path / "registry" / "artifacts").is_dir()
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_export_bundle_cli_keeps_a_parity_report(tmp_path, shared_slides, capsys):

@@ -186,17 +186,13 @@ def check_golden(graph: Path, kind: str, golden: dict, atol: float = 1e-4) -> No
     )
 
 
-def export_bundle(
-    bundle_path: Path,
-    encoder_folder: Path,
-    repository: Path,
-    *,
-    options: ServingOptions | None = None,
-    work_dir: Path | None = None,
-) -> spec.ModelSpec:
-    """Export a trained bundle's heads with its encoder and write the repository.
+def export_bundle_graphs(
+    bundle_path: Path, encoder_folder: Path, folder: Path
+) -> tuple[ExportedGraphs, spec.ModelSpec, Path]:
+    """Export a trained bundle's heads to ONNX in ``folder``, beside its encoder.
 
-    The served threshold, site labels and concept ids come from the bundle.
+    Returns the graphs, the served spec and the bundle's resolved path. The
+    served threshold, site labels and concept ids come from the bundle.
     ``demo_weights`` is set when the encoder's weights are random, because
     then no head trained on its features predicts anything real.
     """
@@ -212,27 +208,83 @@ def export_bundle(
             f"encoder {encoder.sha256[:12]}",
             "Export with the encoder folder that histomet embed used",
         )
-    check_repository_target(repository)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, model in (("risk", bundle.risk), ("site", bundle.site)):
+        paths[kind] = folder / f"{kind}_mil.onnx"
+        export_mil_step(model, paths[kind])
+        check_golden(paths[kind], kind, bundle.golden())
+    graphs = ExportedGraphs(
+        encoder=encoder.onnx_path, risk_mil=paths["risk"], site_mil=paths["site"]
+    )
+    model_spec = spec.ModelSpec(
+        tile_px=encoder.tile_px,
+        target_mpp=encoder.target_mpp,
+        site_labels=bundle.site_labels,
+        concept_ids=bundle.concept_ids,
+        risk_threshold=bundle.risk_threshold,
+        sensitivity_target=bundle.sensitivity_target,
+        version=bundle.version,
+        demo_weights=encoder.demo_weights,
+    )
+    return graphs, model_spec, Path(bundle_path)
+
+
+# Files of a trained bundle that its version bundle keeps as evidence, under
+# extra/: how the version was trained, calibrated and what it is for.
+EVIDENCE_FILES = (
+    "bundle.json",
+    "metrics.json",
+    "calibration.json",
+    "MODEL_CARD.md",
+    "concepts.yaml",
+    "concept_embeddings.npz",
+)
+
+
+def export_bundle(
+    bundle_path: Path,
+    encoder_folder: Path,
+    repository: Path | None = None,
+    *,
+    options: ServingOptions | None = None,
+    gpu_options=None,
+    version_bundle: Path | None = None,
+    work_dir: Path | None = None,
+) -> spec.ModelSpec:
+    """Export a trained bundle with its encoder as a repository or a version bundle.
+
+    Exactly one of ``repository`` (served directly, the ``gpu`` target when
+    ``gpu_options`` is given) and ``version_bundle`` (for the registry) is written.
+    """
+    if (repository is None) == (version_bundle is None):
+        raise ValueError("give exactly one of repository and version_bundle")
+    if repository is not None:
+        check_repository_target(repository)
 
     def write(folder: Path) -> spec.ModelSpec:
-        paths = {}
-        for kind, model in (("risk", bundle.risk), ("site", bundle.site)):
-            paths[kind] = folder / f"{kind}_mil.onnx"
-            export_mil_step(model, paths[kind])
-            check_golden(paths[kind], kind, bundle.golden())
-        graphs = ExportedGraphs(
-            encoder=encoder.onnx_path, risk_mil=paths["risk"], site_mil=paths["site"]
+        graphs, model_spec, source = export_bundle_graphs(
+            bundle_path, encoder_folder, folder
         )
-        model_spec = spec.ModelSpec(
-            tile_px=encoder.tile_px,
-            target_mpp=encoder.target_mpp,
-            site_labels=bundle.site_labels,
-            concept_ids=bundle.concept_ids,
-            risk_threshold=bundle.risk_threshold,
-            sensitivity_target=bundle.sensitivity_target,
-            version=bundle.version,
-            demo_weights=encoder.demo_weights,
-        )
+        if version_bundle is not None:
+            from histomet.registry.version_bundle import write_bundle
+
+            extra = {
+                ("training_bundle.json" if name == "bundle.json" else name): source
+                / name
+                for name in EVIDENCE_FILES
+                if (source / name).is_file()
+            }
+            written = write_bundle(
+                version_bundle, graphs, model_spec, extra_files=extra
+            )
+            return dataclasses.replace(
+                model_spec, manifest_sha256=written.served_manifest_sha256
+            )
+        if gpu_options is not None:
+            from histomet.export.gpu import write_gpu_repository
+
+            return write_gpu_repository(repository, graphs, model_spec, gpu_options)
         return write_repository(repository, graphs, model_spec, options)
 
     if work_dir is not None:
