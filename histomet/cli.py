@@ -209,8 +209,7 @@ def _add_registry_parser(commands) -> None:
 def _registry(args: argparse.Namespace) -> int:
     try:
         from histomet.registry.publish import publish
-        from histomet.registry.store import Registry
-        from histomet.registry.store import default_registry_uri
+        from histomet.registry.store import open_registry
     except ImportError as error:
         print(
             f"histomet: error: the registry needs MLflow ({error.name} is missing). "
@@ -218,20 +217,7 @@ def _registry(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.registry_uri and args.registry_uri.startswith("sqlite:///"):
-        # Keep a SQLite registry's artifacts beside its database, not in the
-        # current folder, where MLflow would put them.
-        database = Path(args.registry_uri.removeprefix("sqlite:///"))
-        registry = Registry(
-            args.registry_uri, artifact_root=database.parent / "artifacts"
-        )
-    elif args.registry_uri:
-        registry = Registry(args.registry_uri)
-    else:
-        folder = Path("registry")
-        registry = Registry(
-            default_registry_uri(folder), artifact_root=folder / "artifacts"
-        )
+    registry = open_registry(args.registry_uri)
     if args.action == "register":
         info = registry.register(args.name, args.bundle, description=args.description)
         print(
@@ -251,7 +237,8 @@ def _registry(args: argparse.Namespace) -> int:
         print(
             f"{info.name} v{info.version}: spec {info.spec_version}, aliases "
             f"{','.join(info.aliases) or '-'}, bundle {info.bundle_sha256}, "
-            f"manifest {info.manifest_sha256}, run {info.run_id}"
+            f"manifest {info.manifest_sha256}, run {info.run_id}, training run "
+            f"{info.training_run_id or '-'}"
         )
         for event in registry.history(args.name):
             when = time.strftime(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -164,6 +165,12 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
         "--features", type=Path, required=True, help="folder of SLIDE_ID.h5"
     )
     train.add_argument("--labels", type=Path, required=True, help="labels CSV")
+    train.add_argument(
+        "--registry-uri",
+        default=os.environ.get("HISTOMET_REGISTRY_URI"),
+        help="log the run (parameters, per-fold metrics, bundle) to this MLflow "
+        "tracking URI (default: $HISTOMET_REGISTRY_URI; not logged when unset)",
+    )
     train.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     train.add_argument(
         "--concept-embeddings",
@@ -297,6 +304,18 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"histomet: wrote bundle {result.bundle}")
     print(_training_summary(result.metrics, result.calibration))
+    if args.registry_uri:
+        from histomet.registry.store import open_registry
+        from histomet.registry.training_log import log_training_run
+
+        run_id = log_training_run(
+            open_registry(args.registry_uri),
+            result.bundle,
+            config,
+            result.metrics,
+            result.calibration,
+        )
+        print(f"histomet: logged the training run to MLflow (run {run_id})")
     return 0
 
 

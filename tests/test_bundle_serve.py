@@ -315,3 +315,56 @@ def test_trained_bundle_goes_through_the_registry(chain, tmp_path):
     )
     assert both.returncode == 2
     assert "exactly one of --repository and --version-bundle" in both.stderr
+
+
+def test_train_logs_its_run_and_the_version_links_to_it(chain, tmp_path):
+    """histomet train --registry-uri logs the run; register finds it by digest."""
+    pytest.importorskip("mlflow", reason="the registry needs the registry extra")
+    from histomet.registry.store import open_registry
+
+    root, _, _, _ = chain
+    cohort = root / "cohort"
+    uri = f"sqlite:///{tmp_path / 'registry' / 'registry.db'}"
+    (tmp_path / "registry").mkdir()
+    bundle_path = tmp_path / "bundle"
+    completed = run(
+        "histomet",
+        "train",
+        "--features",
+        str(cohort / "features"),
+        "--labels",
+        str(cohort / "labels.csv"),
+        "--out",
+        str(bundle_path),
+        "--folds",
+        "3",
+        "--max-epochs",
+        "4",
+        "--registry-uri",
+        uri,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "logged the training run to MLflow" in completed.stdout
+    registry = open_registry(uri)
+    experiment = registry.client.get_experiment_by_name("histomet-training")
+    (training_run,) = registry.client.search_runs([experiment.experiment_id])
+    history = registry.client.get_metric_history(training_run.info.run_id, "risk_auc")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert "risk_auc_mean" in training_run.data.metrics
+    assert "operating_point_threshold" in training_run.data.metrics
+    assert training_run.data.params["n_folds"] == "3"
+
+    version_bundle = tmp_path / "version-bundle"
+    completed = run(
+        "histomet",
+        "export",
+        "bundle",
+        str(bundle_path),
+        "--encoder",
+        str(root / "encoder"),
+        "--version-bundle",
+        str(version_bundle),
+    )
+    assert completed.returncode == 0, completed.stderr
+    info = registry.register("histomet", version_bundle)
+    assert info.training_run_id == training_run.info.run_id

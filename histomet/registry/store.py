@@ -27,6 +27,8 @@ from pathlib import Path
 
 from histomet.errors import HistometError
 from histomet.errors import UsageError
+from histomet.registry.training_log import TAG_TRAINING_RUN_ID
+from histomet.registry.training_log import find_training_run
 from histomet.registry.version_bundle import BundleError
 from histomet.registry.version_bundle import VersionBundle
 from histomet.registry.version_bundle import compare_golden
@@ -64,6 +66,23 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def open_registry(uri: str | None) -> Registry:
+    """Return the registry at ``uri``, or the SQLite registry in ``./registry``.
+
+    A SQLite registry keeps its artifacts beside its database, not in the
+    current folder, where MLflow would put them.
+    """
+    if not uri:
+        folder = Path("registry")
+        return Registry(
+            default_registry_uri(folder), artifact_root=folder / "artifacts"
+        )
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        return Registry(uri, artifact_root=database.parent / "artifacts")
+    return Registry(uri)
+
+
 def default_registry_uri(folder: Path) -> str:
     """Return the SQLite URI of the embedded registry in ``folder``."""
     folder = folder.resolve()
@@ -84,6 +103,7 @@ class VersionInfo:
     demo_weights: bool
     aliases: tuple[str, ...]
     created_ms: int
+    training_run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,7 +130,8 @@ class Registry:
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.artifact_root = artifact_root
 
-    def _experiment(self, name: str) -> str:
+    def experiment_id(self, name: str) -> str:
+        """Return the id of experiment ``name``, created if missing."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
@@ -140,7 +161,7 @@ class Registry:
                     "promote that version instead of registering it again",
                 )
         run = self.client.create_run(
-            self._experiment(BUNDLE_EXPERIMENT),
+            self.experiment_id(BUNDLE_EXPERIMENT),
             run_name=f"{name}-{bundle.spec.version}",
             tags={"histomet.model": name, TAG_BUNDLE_SHA256: bundle.digest},
         )
@@ -160,6 +181,17 @@ class Registry:
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
             raise
+        tags = {
+            TAG_BUNDLE_SHA256: bundle.digest,
+            TAG_MANIFEST_SHA256: bundle.served_manifest_sha256,
+            TAG_SPEC_VERSION: bundle.spec.version,
+            TAG_DEMO_WEIGHTS: "true" if bundle.spec.demo_weights else "false",
+        }
+        training_run = find_training_run(
+            self, bundle.path / "extra" / "training_bundle.json"
+        )
+        if training_run is not None:
+            tags[TAG_TRAINING_RUN_ID] = training_run
         try:
             self.client.get_registered_model(name)
         except Exception:  # MLflow raises RestException/MlflowException here
@@ -170,12 +202,7 @@ class Registry:
             name,
             source=f"{run.info.artifact_uri}/{_ARTIFACT_PATH}",
             run_id=run_id,
-            tags={
-                TAG_BUNDLE_SHA256: bundle.digest,
-                TAG_MANIFEST_SHA256: bundle.served_manifest_sha256,
-                TAG_SPEC_VERSION: bundle.spec.version,
-                TAG_DEMO_WEIGHTS: "true" if bundle.spec.demo_weights else "false",
-            },
+            tags=tags,
             description=description,
         )
         _LOGGER.info(
@@ -198,6 +225,7 @@ class Registry:
             demo_weights=tags.get(TAG_DEMO_WEIGHTS) == "true",
             aliases=tuple(sorted(version.aliases or ())),
             created_ms=int(version.creation_timestamp or 0),
+            training_run_id=tags.get(TAG_TRAINING_RUN_ID, ""),
         )
 
     def versions(self, name: str, *, missing_ok: bool = False) -> list[VersionInfo]:
@@ -351,7 +379,7 @@ class Registry:
 
     def _record(self, event: AuditEvent) -> None:
         run = self.client.create_run(
-            self._experiment(AUDIT_EXPERIMENT),
+            self.experiment_id(AUDIT_EXPERIMENT),
             start_time=event.time_ms,
             run_name=f"{event.action}-{event.name}-{event.alias}-v{event.to_version}",
             tags={
