@@ -1,4 +1,4 @@
-"""Thin adapters over cuCIM and OpenSlide with one interface for the slide reader.
+"""Thin adapters over cuCIM, OpenSlide and tifffile with one interface for the reader.
 
 An adapter only reads regions that lie inside a level, addressed in that level's
 pixels. Clipping, padding, alpha compositing and the choice of MPP happen once, in
@@ -8,6 +8,7 @@ pixels. Clipping, padding, alpha compositing and the choice of MPP happen once, 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 from typing import Literal
@@ -15,10 +16,12 @@ from typing import Protocol
 
 import numpy as np
 
+from histomet.slide.dicom import ColourFix
+from histomet.slide.dicom import ycbcr_to_rgb
 from histomet.slide.mpp import MppCandidate
 from histomet.slide.mpp import parse_positive_float
 
-ReaderName = Literal["cucim", "openslide"]
+ReaderName = Literal["cucim", "openslide", "tifffile"]
 
 
 class BackendOpenError(Exception):
@@ -154,12 +157,13 @@ class OpenSlideBackend:
 
     name: ReaderName = "openslide"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, colour_fix: ColourFix = "none") -> None:
         try:
             import openslide
         except ImportError as error:
             raise BackendOpenError(f"OpenSlide is not installed ({error})") from error
 
+        self._colour_fix = colour_fix
         try:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideError as error:
@@ -203,14 +207,118 @@ class OpenSlideBackend:
         """
         downsample = self._downsamples[level]
         location = (round(x_level * downsample), round(y_level * downsample))
-        # NOTE: OpenSlide 4.0.1 recovers from some corrupt JPEG data without
-        # raising or printing, so such damage reaches the pixels unreported.
-        region = self._slide.read_region(location, level, (width, height))
-        return np.asarray(region)
+        # OpenSlide 4.0.1 raises on every JPEG error and warning libjpeg reports
+        # (truncated data, bad Huffman codes, extra bytes). NOTE: a bit flip that
+        # still decodes to a valid JPEG stream is reported by no decoder, and SVS
+        # files carry no checksums, so such damage reaches the pixels unreported.
+        region = np.asarray(self._slide.read_region(location, level, (width, height)))
+        if self._colour_fix == "ycbcr_to_rgb":
+            region = region.copy()
+            region[..., :3] = ycbcr_to_rgb(region[..., :3])
+        return region
 
     def close(self) -> None:
         """Close the OpenSlide handle."""
         self._slide.close()
+
+
+class TifffileBackend:
+    """tifffile for plain single-level TIFFs, such as striped (non-tiled) images.
+
+    Neither slide reader suits these: OpenSlide rejects striped TIFFs, and cuCIM
+    reads them through a slow whole-image path. Strips are decoded on demand with
+    tifffile (imagecodecs supplies the codecs) and the most recent ones are kept,
+    within ``_STRIP_CACHE_BYTES``.
+    """
+
+    name: ReaderName = "tifffile"
+    _STRIP_CACHE_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+
+        try:
+            self._tiff = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, ValueError, OSError) as error:
+            raise BackendOpenError(scrub_path(str(error), path)) from error
+
+        try:
+            self._page = self._tiff.pages[0]
+            self._check_layout()
+        except BaseException:
+            self._tiff.close()
+            raise
+
+        page = self._page
+        self.level_dimensions = ((int(page.imagewidth), int(page.imagelength)),)
+        self.vendor = "generic-tiff"
+        self.objective_power = None
+        self.sample_bits = int(page.bitspersample)
+        self.channel_count = int(page.samplesperpixel)
+        self._rows_per_strip = min(int(page.rowsperstrip), int(page.imagelength))
+        self._strips: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._strip_bytes = 0
+
+    def _check_layout(self) -> None:
+        page = self._page
+        if page.is_tiled:
+            raise BackendOpenError("the image is tiled; a slide reader handles it")
+        if int(page.planarconfig) != 1:
+            raise BackendOpenError("planar (separate) sample layout is not supported")
+        if page.samplesperpixel not in (3, 4):
+            raise BackendOpenError(f"{page.samplesperpixel} samples per pixel")
+
+    def mpp_candidates(self) -> list[MppCandidate]:
+        """Return nothing: the reader takes TIFF resolution tags from the header."""
+        return []
+
+    def read_level(
+        self, level: int, x_level: int, y_level: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read an in-bounds region of the only level from its strips."""
+        if level != 0:
+            raise ValueError(f"invalid level {level}: a plain TIFF has only level 0")
+        out = np.empty((height, width, self.channel_count), dtype=np.uint8)
+        first = y_level // self._rows_per_strip
+        last = (y_level + height - 1) // self._rows_per_strip
+        for index in range(first, last + 1):
+            strip = self._strip(index)
+            strip_top = index * self._rows_per_strip
+            top = max(y_level, strip_top)
+            bottom = min(y_level + height, strip_top + strip.shape[0])
+            out[top - y_level : bottom - y_level] = strip[
+                top - strip_top : bottom - strip_top, x_level : x_level + width
+            ]
+        return out
+
+    def _strip(self, index: int) -> np.ndarray:
+        cached = self._strips.get(index)
+        if cached is not None:
+            self._strips.move_to_end(index)
+            return cached
+
+        page = self._page
+        handle = self._tiff.filehandle
+        handle.seek(page.dataoffsets[index])
+        data = handle.read(page.databytecounts[index])
+        if len(data) != page.databytecounts[index]:
+            raise OSError(f"strip {index} is truncated: the file ends inside it")
+        segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        rows = min(self._rows_per_strip, page.imagelength - index * self._rows_per_strip)
+        strip = np.asarray(segment).reshape(-1, page.imagewidth, self.channel_count)
+        strip = np.ascontiguousarray(strip[:rows])
+
+        self._strips[index] = strip
+        self._strip_bytes += strip.nbytes
+        while self._strip_bytes > self._STRIP_CACHE_BYTES and len(self._strips) > 1:
+            _, evicted = self._strips.popitem(last=False)
+            self._strip_bytes -= evicted.nbytes
+        return strip
+
+    def close(self) -> None:
+        """Close the file."""
+        self._strips.clear()
+        self._tiff.close()
 
 
 def _cucim_vendor(metadata: dict[str, Any]) -> str | None:

@@ -36,6 +36,8 @@ class TiffHeader:
     x_resolution: tuple[int, int] | None  # rational pixels per unit
     y_resolution: tuple[int, int] | None
     resolution_unit: int | None  # TIFF code: 1 none, 2 inch, 3 cm (4, 5 tifffile)
+    tiled: bool = True  # False for a striped image
+    is_ndpi: bool = False
 
     @property
     def pixel_format(self) -> str:
@@ -73,6 +75,8 @@ def read_tiff_header(path: Path) -> TiffHeader | None:
                 x_resolution=_rational_tag(page, "XResolution"),
                 y_resolution=_rational_tag(page, "YResolution"),
                 resolution_unit=_int_tag(page, "ResolutionUnit"),
+                tiled=bool(page.is_tiled),
+                is_ndpi=bool(tif.is_ndpi),
             )
     except (tifffile.TiffFileError, ValueError, OSError, IndexError) as error:
         _LOGGER.debug("not read as a TIFF: %s", type(error).__name__)

@@ -13,6 +13,7 @@ from PIL import Image
 from histomet.slide.reader import Slide
 from histomet.slide.reader import SlideInfo
 from histomet.slide.tissue import TissueMask
+from histomet.slide.tissue import check_brightfield
 from histomet.slide.tissue import detect_tissue
 
 _LOGGER = logging.getLogger(__name__)
@@ -230,9 +231,11 @@ def plan_slide_tiles(
     """Find tissue on a thumbnail of ``slide`` and plan its tile grid.
 
     The thumbnail's long side is at most ``thumbnail_max_px``; the grid follows
-    :func:`plan_tiles`. An empty grid is returned, not raised.
+    :func:`plan_tiles`. An empty grid is returned, not raised. Raises
+    UnsupportedImageError for a dark-background (fluorescence) slide.
     """
     thumbnail, downsample = slide.thumbnail(thumbnail_max_px)
+    check_brightfield(thumbnail, slide.display_name)
     mask = detect_tissue(thumbnail, downsample=downsample, mpp=slide.info.mpp)
     grid = plan_tiles(
         slide.info,

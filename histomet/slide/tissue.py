@@ -10,7 +10,15 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from histomet.errors import UnsupportedImageError
+
 _LOGGER = logging.getLogger(__name__)
+
+# Median HSV value (brightness) below which a thumbnail has a dark background.
+# Brightfield glass is bright: the shared H&E slides have medians of 0.86 to 0.95,
+# and a thumbnail fully covered by dense tissue stays above 0.5. A fluorescence or
+# dark-field scan is mostly black: the shared DAPI NDPI has a median of 0.05.
+DARK_BACKGROUND_MEDIAN_VALUE = 0.3
 
 # Fewer candidate pixels than this cannot give a meaningful Otsu threshold.
 _MIN_CANDIDATE_PX = 16
@@ -120,6 +128,29 @@ def detect_tissue(
     _LOGGER.debug("tissue mask: fraction %.4f, %s", tissue_fraction, method)
     return TissueMask(
         mask=mask, downsample=downsample, method=method, tissue_fraction=tissue_fraction
+    )
+
+
+def check_brightfield(
+    thumbnail_rgb: np.ndarray,
+    display_name: str = "the slide",
+    max_dark_median: float = DARK_BACKGROUND_MEDIAN_VALUE,
+) -> None:
+    """Raise UnsupportedImageError when the thumbnail has a dark background.
+
+    Fluorescence and dark-field scans are stored as RGB like brightfield ones, so
+    only their content tells them apart: the median brightness (HSV value) of the
+    whole thumbnail, transparent pixels already composited onto white.
+    """
+    value = thumbnail_rgb.max(axis=2)
+    median_value = float(np.median(value)) / 255.0
+    if median_value >= max_dark_median:
+        return
+    raise UnsupportedImageError(
+        f"{display_name} looks like a fluorescence or dark-field scan: the median "
+        f"brightness of its thumbnail is {median_value:.2f}, below "
+        f"{max_dark_median:.2f} for brightfield glass",
+        "HistoMet needs brightfield (H&E) slides; fluorescence is not supported",
     )
 
 
