@@ -210,17 +210,35 @@ def test_smalltif_16bit_gray_is_unsupported(shared_slides: Path) -> None:
     assert "8-bit RGB brightfield" in message
 
 
-def test_implausible_mpp_is_treated_as_missing(
-    shared_slides: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_implausible_mpp_is_treated_as_missing(shared_slides: Path) -> None:
     path = shared_slides / "pathml_small_HE_levels.tiff"
-    with caplog.at_level(logging.WARNING, logger="histomet.slide.mpp"):
-        with pytest.raises(MissingMppError) as caught:
-            open_slide(path)
+    with pytest.raises(MissingMppError) as caught:
+        open_slide(path)
 
     assert "352.858" in str(caught.value)
+    assert "outside the plausible range" in str(caught.value)
     assert "--mpp" in str(caught.value)
-    assert "plausible range" in caplog.text
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_implausible_mpp_then_objective_power_warns(
+    tmp_path: Path, reader: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_pyramid(
+        tmp_path / "slide.svs",
+        _tissue_slide(),
+        (2,),
+        description=_svs_like_description("AppMag = 40|MPP = 352.86"),
+    )
+
+    with caplog.at_level(logging.WARNING, logger="histomet.slide.mpp"):
+        with open_slide(path, reader=reader) as slide:
+            info = slide.info
+
+    assert info.mpp == pytest.approx(0.25)
+    assert info.mpp_source == "objective_power"
+    assert "ignoring MPP 352.86" in caplog.text
+    assert "objective power 40x" in caplog.text
     assert str(path) not in caplog.text
 
 

@@ -47,6 +47,8 @@ from histomet.slide.mpp import validate_mpp_override
 from histomet.slide.probe import probe_cucim
 from histomet.slide.tiff_header import TiffHeader
 from histomet.slide.tiff_header import check_pixel_format
+from histomet.slide.tiff_header import check_tiff_complete
+from histomet.slide.tiff_header import has_tiff_magic
 from histomet.slide.tiff_header import read_tiff_header
 
 _LOGGER = logging.getLogger(__name__)
@@ -330,6 +332,8 @@ def open_slide(
     if slide_path.is_dir() or is_dicom_file(slide_path):
         backend = _open_dicom(slide_path, reader, display_name, warnings)
     else:
+        if has_tiff_magic(slide_path):
+            check_tiff_complete(slide_path, display_name)
         header = read_tiff_header(slide_path)
         if header is not None:
             check_pixel_format(header, display_name)
