@@ -193,9 +193,7 @@ def test_dicom_without_suffix_opens(shared_slides: Path, tmp_path: Path) -> None
     assert info.dimensions == (2220, 2967)
 
 
-def test_dicom_two_series_in_folder_raises(
-    shared_slides: Path, tmp_path: Path
-) -> None:
+def test_dicom_two_series_in_folder_raises(shared_slides: Path, tmp_path: Path) -> None:
     import pydicom
 
     folder = _copy_dicom(shared_slides, tmp_path / "series", None)

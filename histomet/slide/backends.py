@@ -304,7 +304,9 @@ class TifffileBackend:
         if len(data) != page.databytecounts[index]:
             raise OSError(f"strip {index} is truncated: the file ends inside it")
         segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        rows = min(self._rows_per_strip, page.imagelength - index * self._rows_per_strip)
+        rows = min(
+            self._rows_per_strip, page.imagelength - index * self._rows_per_strip
+        )
         strip = np.asarray(segment).reshape(-1, page.imagewidth, self.channel_count)
         strip = np.ascontiguousarray(strip[:rows])
 
