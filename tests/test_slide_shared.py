@@ -48,7 +48,7 @@ class Fails:
 
 
 CASES: dict[tuple[str, float | None], Tiled | Fails] = {
-    ("CMU-1-Small-Region.svs", None): Tiled("cucim", 1, 0.499, "metadata", 0, 513, 14),
+    ("CMU-1-Small-Region.svs", None): Tiled("cucim", 1, 0.499, "metadata", 0, 512, 14),
     ("tcga-cr-7395-01a-01-ts1.svs", None): Fails(
         MissingMppError, "neither MPP nor objective power"
     ),
@@ -57,9 +57,9 @@ CASES: dict[tuple[str, float | None], Tiled | Fails] = {
         UnsupportedImageError, "fluorescence or dark-field"
     ),
     # The DICOM copy of CMU-1-Small-Region tiles exactly like the SVS.
-    ("dicom_cmu1_small", None): Tiled("openslide", 12, 0.499, "metadata", 0, 513, 14),
+    ("dicom_cmu1_small", None): Tiled("openslide", 12, 0.499, "metadata", 0, 512, 14),
     ("dicom_cmu1_small/level-3-frames-0-1.dcm", None): Tiled(
-        "openslide", 12, 0.499, "metadata", 0, 513, 14
+        "openslide", 12, 0.499, "metadata", 0, 512, 14
     ),
     ("kidney-48-5.tif", None): Fails(MissingMppError, "--mpp"),
     # One tissue fragment of about 60x30 µm at 0.5 µm/px: under the minimum area.

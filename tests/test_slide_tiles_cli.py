@@ -69,7 +69,7 @@ def test_cmu_report_and_geojson(shared_slides: Path, tmp_path: Path) -> None:
     assert report["grid"]["tiles"] == 14
     assert report["grid"]["tiles_read"] == 14
     assert report["grid"]["read_level"] == 0
-    assert report["grid"]["read_px"] == 513
+    assert report["grid"]["read_px"] == 512
 
     collection = json.loads(geojson_path.read_text())
     assert collection["type"] == "FeatureCollection"

@@ -8,6 +8,7 @@ pixels. Clipping, padding, alpha compositing and the choice of MPP happen once, 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,8 @@ class TifffileBackend:
         self._rows_per_strip = min(int(page.rowsperstrip), int(page.imagelength))
         self._strips: OrderedDict[int, np.ndarray] = OrderedDict()
         self._strip_bytes = 0
+        # Reads come from several threads; the file position and the cache are shared.
+        self._lock = threading.Lock()
 
     def _check_layout(self) -> None:
         page = self._page
@@ -282,7 +285,8 @@ class TifffileBackend:
         first = y_level // self._rows_per_strip
         last = (y_level + height - 1) // self._rows_per_strip
         for index in range(first, last + 1):
-            strip = self._strip(index)
+            with self._lock:
+                strip = self._strip(index)
             strip_top = index * self._rows_per_strip
             top = max(y_level, strip_top)
             bottom = min(y_level + height, strip_top + strip.shape[0])
