@@ -246,7 +246,7 @@ class Slide:
             raise SlideReadError(
                 f"{self.info.reader} failed to decode {self.display_name} at level "
                 f"{level}, region ({left}, {top}, {right - left}x{bottom - top}): "
-                f"{type(error).__name__}: {error}",
+                f"{type(error).__name__}: {' '.join(str(error).split())}",
                 "the file is corrupt or truncated; no prediction was made",
             ) from error
         region[top - y_level : bottom - y_level, left - x_level : right - x_level] = (
@@ -491,8 +491,9 @@ def _raise_for_large_ndpi(message: str, display_name: str, cause: Exception) -> 
     if match is None or int(match.group(1)) < 2**32:
         return
     raise SlideOpenError(
-        f"unsupported format: {display_name} is an NDPI file larger than 4 GiB, "
-        f"whose tile offsets OpenSlide cannot resolve ({message})",
+        f"unsupported format: OpenSlide cannot resolve the tile offsets beyond 4 GiB "
+        f"in {display_name}, as in NDPI files over 4 GiB, which store only their "
+        f"low 32 bits ({message})",
         "Convert it to a pyramidal BigTIFF (for example with vips tiffsave "
         "--tile --pyramid --bigtiff) and predict the converted file",
     ) from cause

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from histomet.errors import SlideReadError
 from histomet.slide.reader import Slide
 from histomet.slide.reader import SlideInfo
 from histomet.slide.tissue import TissueMask
@@ -225,9 +226,9 @@ def iter_tile_batches(
     read_size = (grid.read_px, grid.read_px)
 
     def read_tile(corner: np.ndarray) -> np.ndarray:
-        region = slide.read_region(
-            (int(corner[0]), int(corner[1])), grid.level, read_size
-        )
+        location = (int(corner[0]), int(corner[1]))
+        region = slide.read_region(location, grid.level, read_size)
+        check_not_flat(region, location, slide.display_name)
         return resize_tile(region, grid.tile_px)
 
     executor = ThreadPoolExecutor(workers, "histomet-tile") if workers > 1 else None
@@ -245,6 +246,27 @@ def iter_tile_batches(
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def check_not_flat(
+    region: np.ndarray, location_l0: tuple[int, int], display_name: str
+) -> None:
+    """Raise SlideReadError for a tissue tile whose pixels all have one value.
+
+    The grid keeps only tiles that the mask marks as tissue, and a scan of tissue
+    always varies. A flat tile (all black, or one colour) is what some decoders
+    return for data they failed to decode without raising, as older cuCIM
+    releases did for JPEG 2000 tiles.
+    """
+    if region.size == 0 or region.min() != region.max():
+        return
+    raise SlideReadError(
+        f"the tile at level-0 ({location_l0[0]}, {location_l0[1]}) of {display_name} "
+        f"decoded to one flat value ({int(region.flat[0])}) although the tissue mask "
+        "marks tissue there",
+        "the decoder likely failed without reporting it; try --reader openslide, "
+        "and check the file",
+    )
 
 
 def resize_tile(region: np.ndarray, tile_px: int) -> np.ndarray:
