@@ -36,7 +36,7 @@ TOTAL_BUDGET_S = 540.0  # 9 minutes, under the 10-minute limit for the whole scr
 
 @dataclass
 class StepReport:
-    """What one step ran, could not run, checked and measured."""
+    """Outcome of one step: the parts that ran or were not available, checks, figures."""
 
     name: str
     status: str = "passed"  # passed, failed, not_available, skipped

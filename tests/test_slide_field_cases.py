@@ -71,13 +71,13 @@ def test_no_mpp_raises_before_reading(no_mpp_pyramid: Path, reader: str) -> None
 def test_no_mpp_override_is_recorded(no_mpp_pyramid: Path, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
 
-    refused = _tiles_cli(str(no_mpp_pyramid))
+    rejected = _tiles_cli(str(no_mpp_pyramid))
     accepted = _tiles_cli(
         str(no_mpp_pyramid), "--mpp", "0.25", "--json", str(report_path)
     )
 
-    assert refused.returncode == 3
-    assert "--mpp" in refused.stderr
+    assert rejected.returncode == 3
+    assert "--mpp" in rejected.stderr
     assert accepted.returncode == 0, accepted.stderr
     report = json.loads(report_path.read_text())
     assert report["slide"]["mpp"] == 0.25

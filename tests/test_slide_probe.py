@@ -3,7 +3,7 @@
 The crash is real: the probe child dereferences a null pointer after importing
 cuCIM (``HISTOMET_PROBE_CRASH_FOR_TESTS``), and dies with SIGSEGV, as cuCIM 26.10
 does on some generic tiled TIFFs. No shared file reproduces that crash with the
-cuCIM 26.6 installed here, so the hook stands in for the file.
+cuCIM 26.6 installed here, so the hook replaces such a file.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_changed_file_is_probed_again(
     path.write_bytes((shared_slides / "CMU-1-Small-Region.svs").read_bytes())
     assert probe.probe_cucim(path).ok
 
-    # Same inode, new size and mtime: the cached answer must not be reused.
+    # Same inode, new size and mtime: the cached result must not be reused.
     path.write_bytes(b"not a slide any more")
     result = probe.probe_cucim(path)
 

@@ -201,5 +201,5 @@ def test_dicom_two_series_in_folder_raises(shared_slides: Path, tmp_path: Path) 
     other.SeriesInstanceUID = pydicom.uid.generate_uid()
     other.save_as(folder / "other-series.dcm")
 
-    with pytest.raises(SlideOpenError, match="holds 2 DICOM WSI series"):
+    with pytest.raises(SlideOpenError, match="contains 2 DICOM WSI series"):
         open_slide(folder)

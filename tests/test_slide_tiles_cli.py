@@ -1,7 +1,7 @@
 """``histomet-client tiles``: quality control of a slide without a server.
 
 Runs the real console script in a child process, so native crashes, native
-output and exit codes are what a user sees.
+output and exit codes are those a user gets.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 It is the quality-control step before a prediction: it reports the reader, the
 level read, the MPP and where it came from, and the tile count, for the same tile
-size and MPP as the demo model unless told otherwise. By default every tile is
+size and MPP as the demo model unless the options set others. By default every tile is
 also read and decoded, so a corrupt tile fails here as it would in a prediction.
 Exit codes: 0 the slide tiles (0 tiles included), 3 the slide cannot be read.
 """

@@ -34,7 +34,7 @@ _DICM_MAGIC = b"DICM"
 VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
-# How OpenSlide's pixels relate to what the JPEG frames encode.
+# Conversion that OpenSlide's pixels need to match what the JPEG frames encode.
 ColourFix = Literal["none", "ycbcr_to_rgb"]
 
 
@@ -80,15 +80,15 @@ def find_series(path: Path, display_name: str) -> DicomSeries:
     series among the files next to it. Files are recognised by the DICOM magic, so
     a suffix is not needed.
 
-    Raises SlideOpenError when there is no WSI instance, when a folder holds more
+    Raises SlideOpenError when there is no WSI instance, when a folder contains more
     than one series, or when the full-resolution level is missing.
     """
     import pydicom
 
     folder = path if path.is_dir() else path.parent
-    wanted_series: str | None = None
+    requested_series: str | None = None
     if not path.is_dir():
-        wanted_series = str(
+        requested_series = str(
             pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
         )
 
@@ -104,8 +104,8 @@ def find_series(path: Path, display_name: str) -> DicomSeries:
         if instance is not None:
             by_series.setdefault(series, []).append(instance)
 
-    if wanted_series is not None:
-        by_series = {wanted_series: by_series.get(wanted_series, [])}
+    if requested_series is not None:
+        by_series = {requested_series: by_series.get(requested_series, [])}
     if not any(by_series.values()):
         raise SlideOpenError(
             f"cannot open {display_name} as a slide: no DICOM WSI (VL Whole Slide "
@@ -114,7 +114,7 @@ def find_series(path: Path, display_name: str) -> DicomSeries:
         )
     if len(by_series) > 1:
         raise SlideOpenError(
-            f"{display_name} holds {len(by_series)} DICOM WSI series",
+            f"{display_name} contains {len(by_series)} DICOM WSI series",
             "Pass one instance of the series to predict, or a folder with one series",
         )
 

@@ -31,7 +31,7 @@ ProbeOutcome = Literal["ok", "error", "crashed", "timed_out"]
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What happened when a child process opened the file with cuCIM."""
+    """Outcome of opening the file with cuCIM in a child process."""
 
     outcome: ProbeOutcome
     detail: str  # error text, signal name or timeout; no file path
@@ -88,20 +88,20 @@ def _run_child(path: Path, timeout_s: float) -> ProbeResult:
         name = signal.Signals(-completed.returncode).name
         return ProbeResult("crashed", f"cuCIM killed the process with {name}")
 
-    answer = _last_json_line(completed.stdout.decode(errors="replace"))
-    if answer is None:
+    result_line = _last_json_line(completed.stdout.decode(errors="replace"))
+    if result_line is None:
         stderr = scrub_path(completed.stderr.decode(errors="replace"), path)
         last = stderr.strip().splitlines()[-1:] or ["no output"]
         return ProbeResult(
             "error", f"probe exited with code {completed.returncode}: {last[0]}"
         )
-    if answer.get("ok"):
+    if result_line.get("ok"):
         return ProbeResult("ok", "")
-    return ProbeResult("error", scrub_path(str(answer.get("error", "")), path))
+    return ProbeResult("error", scrub_path(str(result_line.get("error", "")), path))
 
 
 def _last_json_line(stdout: str) -> dict | None:
-    """Return the child's JSON answer; native libraries may print lines before it."""
+    """Return the child's JSON result line; native libraries may print lines before it."""
     for line in reversed(stdout.splitlines()):
         line = line.strip()
         if line.startswith("{"):

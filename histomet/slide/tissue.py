@@ -145,7 +145,7 @@ def check_brightfield(
     """Raise UnsupportedImageError when the thumbnail has a dark background.
 
     Fluorescence and dark-field scans are stored as RGB like brightfield ones, so
-    only their content tells them apart: the median brightness (HSV value) of the
+    only their content distinguishes them: the median brightness (HSV value) of the
     whole thumbnail, transparent pixels already composited onto white.
     """
     value = thumbnail_rgb.max(axis=2)
