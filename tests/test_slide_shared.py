@@ -203,3 +203,15 @@ def test_dicom_two_series_in_folder_raises(shared_slides: Path, tmp_path: Path) 
 
     with pytest.raises(SlideOpenError, match="contains 2 DICOM WSI series"):
         open_slide(folder)
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")
+def test_damaged_dicom_instance_raises(tmp_path: Path) -> None:
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00" + bytes(9))
+
+    with pytest.raises(SlideOpenError) as caught:
+        open_slide(path)
+
+    assert "not a readable DICOM instance" in str(caught.value)
+    assert str(path) not in str(caught.value)

@@ -84,19 +84,34 @@ def find_series(path: Path, display_name: str) -> DicomSeries:
     than one series, or when the full-resolution level is missing.
     """
     import pydicom
+    import pydicom.errors
 
     folder = path if path.is_dir() else path.parent
     requested_series: str | None = None
     if not path.is_dir():
-        requested_series = str(
-            pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
-        )
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            requested_series = str(header.SeriesInstanceUID)
+        except (pydicom.errors.InvalidDicomError, AttributeError, OSError) as error:
+            raise SlideOpenError(
+                f"{display_name} is not a readable DICOM instance "
+                f"({type(error).__name__})",
+                "Pass a DICOM WSI instance or its folder; the file may be damaged",
+            ) from error
 
     by_series: dict[str, list[DicomInstance]] = {}
     for child in sorted(folder.iterdir()):
         if not child.is_file() or not is_dicom_file(child):
             continue
-        header = pydicom.dcmread(child, stop_before_pixels=True)
+        try:
+            header = pydicom.dcmread(child, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError) as error:
+            # A damaged file of the series shows up as a missing level or in
+            # OpenSlide; an unrelated one does not matter.
+            _LOGGER.warning(
+                "skipping an unreadable DICOM file: %s", type(error).__name__
+            )
+            continue
         if str(header.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
             continue
         series = str(header.SeriesInstanceUID)

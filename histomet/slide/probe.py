@@ -82,7 +82,9 @@ def _run_child(path: Path, timeout_s: float) -> ProbeResult:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return ProbeResult("timed_out", f"no answer within {timeout_s:g} s")
+        return ProbeResult("timed_out", f"no result within {timeout_s:g} s")
+
+    _forward_native_output(completed.stdout, completed.stderr)
 
     if completed.returncode < 0:
         name = signal.Signals(-completed.returncode).name
@@ -98,6 +100,23 @@ def _run_child(path: Path, timeout_s: float) -> ProbeResult:
     if result_line.get("ok"):
         return ProbeResult("ok", "")
     return ProbeResult("error", scrub_path(str(result_line.get("error", "")), path))
+
+
+def _forward_native_output(stdout: bytes, stderr: bytes) -> None:
+    """Write what the child's native libraries printed to this process's stderr.
+
+    cuCIM opened in-process prints the same lines to descriptor 2, and callers
+    rely on them there: histomet-client redacts them and turns decode errors into
+    a failed slide. The child's JSON result line is left out.
+    """
+    lines = [
+        line
+        for line in stdout.splitlines(keepends=True)
+        if not line.lstrip().startswith(b"{")
+    ]
+    data = b"".join(lines) + stderr
+    if data:
+        os.write(2, data if data.endswith(b"\n") else data + b"\n")
 
 
 def _last_json_line(stdout: str) -> dict | None:
