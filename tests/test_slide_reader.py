@@ -613,3 +613,20 @@ def test_thumbnail_strips_match_single_read(
 
     assert stripped_downsample == whole_downsample
     assert np.array_equal(stripped, whole)
+
+
+def test_cucim_tile_cache_matches_direct_reads(shared_slides: Path) -> None:
+    path = shared_slides / "tcga-cr-7395-01a-01-ts1.svs"
+    with open_slide(path, reader="cucim", mpp_override=0.25) as slide:
+        backend = slide._backend
+        # Unaligned with the 256 px tiles, at both levels and at the level edge.
+        for level, x, y, width, height in [
+            (0, 100, 130, 600, 300),
+            (1, 511, 511, 512, 512),
+            (1, 2000, 1700, 221, 83),
+        ]:
+            assembled = backend.read_level(level, x, y, width, height)
+            direct = backend._read_direct(level, x, y, width, height)
+
+            assert assembled.shape == direct.shape
+            assert np.array_equal(assembled, direct)

@@ -110,6 +110,14 @@ class CucimBackend:
             (int(width), int(height))
             for width, height in resolutions["level_dimensions"]
         )
+        self._downsamples = tuple(float(d) for d in resolutions["level_downsamples"])
+        self._tile_sizes = tuple(
+            (int(width), int(height))
+            for width, height in resolutions.get("level_tile_sizes", ())
+        )
+        self._tiles: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._tile_bytes = 0
+        self._lock = threading.Lock()
         metadata: dict[str, Any] = self._image.metadata
         self._aperio: dict[str, str] = metadata.get("aperio", {})
         self.vendor = _cucim_vendor(metadata)
@@ -129,16 +137,85 @@ class CucimBackend:
             return []
         return [MppCandidate(aperio_mpp, aperio_mpp, "Aperio MPP field")]
 
+    # Decoded native tiles kept per slide, so that grid tiles that are not aligned
+    # with the file's tiles do not decode a shared tile again.
+    _TILE_CACHE_BYTES = 96 * 1024 * 1024
+
     def read_level(
         self, level: int, x_level: int, y_level: int, width: int, height: int
     ) -> np.ndarray:
-        """Read an in-bounds region with cuCIM, which takes level-0 locations.
+        """Read an in-bounds region, assembled from the file's tiles at ``level``.
+
+        cuCIM 26.6 keeps no tile cache by default, so a 512 px read that straddles
+        256 px JPEG 2000 tiles decoded up to 9 of them, and its neighbour decoded 3
+        of those again. Each native tile is read aligned (one decode) and kept in
+        an LRU cache. Levels without a tile size are read directly.
+        """
+        tile_width, tile_height = (
+            self._tile_sizes[level] if level < len(self._tile_sizes) else (0, 0)
+        )
+        if tile_width <= 0 or tile_height <= 0:
+            return self._read_direct(level, x_level, y_level, width, height)
+
+        out: np.ndarray | None = None
+        for row in range(
+            y_level // tile_height, (y_level + height - 1) // tile_height + 1
+        ):
+            for column in range(
+                x_level // tile_width, (x_level + width - 1) // tile_width + 1
+            ):
+                tile = self._native_tile(level, column, row, tile_width, tile_height)
+                if out is None:
+                    out = np.empty((height, width, tile.shape[2]), dtype=tile.dtype)
+                left = max(x_level, column * tile_width)
+                top = max(y_level, row * tile_height)
+                right = min(x_level + width, column * tile_width + tile.shape[1])
+                bottom = min(y_level + height, row * tile_height + tile.shape[0])
+                out[
+                    top - y_level : bottom - y_level, left - x_level : right - x_level
+                ] = tile[
+                    top - row * tile_height : bottom - row * tile_height,
+                    left - column * tile_width : right - column * tile_width,
+                ]
+        assert out is not None
+        return out
+
+    def _native_tile(
+        self, level: int, column: int, row: int, tile_width: int, tile_height: int
+    ) -> np.ndarray:
+        key = (level, column, row)
+        with self._lock:
+            cached = self._tiles.get(key)
+            if cached is not None:
+                self._tiles.move_to_end(key)
+                return cached
+
+        level_width, level_height = self.level_dimensions[level]
+        x_level = column * tile_width
+        y_level = row * tile_height
+        width = min(tile_width, level_width - x_level)
+        height = min(tile_height, level_height - y_level)
+        tile = self._read_direct(level, x_level, y_level, width, height)
+
+        with self._lock:
+            if key not in self._tiles:
+                self._tiles[key] = tile
+                self._tile_bytes += tile.nbytes
+            while self._tile_bytes > self._TILE_CACHE_BYTES and len(self._tiles) > 1:
+                _, evicted = self._tiles.popitem(last=False)
+                self._tile_bytes -= evicted.nbytes
+        return tile
+
+    def _read_direct(
+        self, level: int, x_level: int, y_level: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read a region with cuCIM, which takes level-0 locations.
 
         cuCIM maps a level-0 location to ``floor(location / downsample)`` with its
         own downsample, so the location passed is the smallest integer that maps
         back to ``(x_level, y_level)``.
         """
-        downsample = float(self._image.resolutions["level_downsamples"][level])
+        downsample = self._downsamples[level]
         location = (
             math.ceil(x_level * downsample),
             math.ceil(y_level * downsample),
@@ -149,7 +226,10 @@ class CucimBackend:
         return np.asarray(region)
 
     def close(self) -> None:
-        """Close the cuCIM image."""
+        """Close the cuCIM image and drop its cached tiles."""
+        with self._lock:
+            self._tiles.clear()
+            self._tile_bytes = 0
         self._image.close()
 
 
