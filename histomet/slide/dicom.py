@@ -180,6 +180,9 @@ def _colour_fix(base: DicomInstance, display_name: str) -> ColourFix:
     if base.transfer_syntax != JPEG_BASELINE or base.photometric != "RGB":
         return "none"
 
+    # NOTE: only the base instance's first frame is compared; the other levels
+    # are assumed to be encoded the same way, as one converter writes them all.
+
     import openslide
     from PIL import Image
 

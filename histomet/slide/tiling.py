@@ -231,6 +231,9 @@ def iter_tile_batches(
         check_not_flat(region, location, slide.display_name)
         return resize_tile(region, grid.tile_px)
 
+    # TODO: with CUDA present, decode with cuCIM on the GPU and resize with
+    # histomet.slide.gpu.resize_tiles on cupy; only benchmarks/gpu_check.py runs
+    # that path today, and the client reads on the CPU.
     executor = ThreadPoolExecutor(workers, "histomet-tile") if workers > 1 else None
     try:
         for offset in range(0, grid.n_tiles, batch_size):
