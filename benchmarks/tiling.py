@@ -226,6 +226,7 @@ def summarise(rows: list[dict], workers: int, repeats: int) -> dict:
         "workers": workers,
         "repeats": repeats,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "versions": versions(),
         "slides": [
             {
                 key: round(value, 4) if isinstance(value, float) else value
@@ -234,6 +235,20 @@ def summarise(rows: list[dict], workers: int, repeats: int) -> dict:
             for row in rows
         ],
     }
+
+
+def versions() -> str:
+    """Return the versions of the readers and decoders measured."""
+    from importlib.metadata import version
+
+    names = (
+        "cucim-cu12",
+        "openslide-python",
+        "openslide-bin",
+        "imagecodecs",
+        "tifffile",
+    )
+    return ", ".join(f"{name} {version(name)}" for name in names)
 
 
 def write_page(path: Path, figures: dict, command: str) -> None:
@@ -247,6 +262,7 @@ def write_page(path: Path, figures: dict, command: str) -> None:
         "every method. The machine is shared, so read the ratios, measured in one run.",
         "",
         f"- Machine: {figures['machine']}",
+        f"- Versions: {figures['versions']}",
         "",
         "| method | tiles/s | ratio to ours |",
         "|---|---|---|",
@@ -308,10 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(text + "\n")
     print(text)
     if str(args.page) != "-":
-        command = "python benchmarks/tiling.py " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        )
-        write_page(args.page, figures, command.strip())
+        command = f"python benchmarks/tiling.py --repeats {args.repeats} --workers {args.workers}"
+        write_page(args.page, figures, command)
     return 0
 
 
