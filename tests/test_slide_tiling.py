@@ -538,9 +538,9 @@ def test_threaded_reads_match_sequential(marker_pyramid: Path, reader: str) -> N
 
     assert grid.read_px == 256
     assert [b.offset for b in threaded] == [b.offset for b in sequential]
-    for one, other in zip(sequential, threaded):
-        assert np.array_equal(one.coords_l0, other.coords_l0)
-        assert np.array_equal(one.tiles, other.tiles)
+    for sequential_batch, threaded_batch in zip(sequential, threaded):
+        assert np.array_equal(sequential_batch.coords_l0, threaded_batch.coords_l0)
+        assert np.array_equal(sequential_batch.tiles, threaded_batch.tiles)
 
 
 def test_invalid_worker_count_raises(marker_pyramid: Path) -> None:
