@@ -351,3 +351,53 @@ def test_no_tissue_cases_report_zero_tiles(
     assert report["grid"]["tiles_read"] == 0
     if case == "sparse":
         assert report["tissue"]["fraction"] > 0.05
+
+
+# Level-0 coordinates at a coarser level, at the reported scale
+
+
+@pytest.fixture(scope="module")
+def large_marker_pyramid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8192² tissue at 0.25 µm/px, levels x4 and x16, markers at two known places."""
+    image = background(8192, 8192)
+    paint_tissue(image, (0, 0, 8192, 8192))
+    image[3000:3064, 5000:5064] = (0, 255, 0)
+    image[6500:6564, 7000:7064] = (0, 0, 255)
+    path = tmp_path_factory.mktemp("large-markers") / "markers.tif"
+    return write_pyramid(
+        path,
+        image,
+        (4, 16),
+        resolution=(40_000.0, 40_000.0),
+        resolution_unit="CENTIMETER",
+    )
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_markers_at_level_one_coordinates(
+    large_marker_pyramid: Path, reader: str
+) -> None:
+    with open_slide(large_marker_pyramid, reader=reader) as slide:
+        _, grid = plan_slide_tiles(slide, tile_px=256, target_mpp=1.0)
+        tiles = np.concatenate([b.tiles for b in iter_tile_batches(slide, grid, 16)])
+
+    assert grid.level == 1
+    assert grid.read_px == 256
+    assert grid.tile_size_l0 == 1024.0
+    assert grid.n_tiles == 64
+    for colour, corner_l0 in (((0, 255, 0), (5000, 3000)), ((0, 0, 255), (7000, 6500))):
+        hits = np.all(tiles == np.asarray(colour, np.uint8), axis=3)
+        with_marker = np.flatnonzero(hits.any(axis=(1, 2)))
+        assert len(with_marker) == 1
+
+        index = with_marker[0]
+        x_l0, y_l0 = grid.coords_l0[index]
+        assert (x_l0, y_l0) == (
+            corner_l0[0] // 1024 * 1024,
+            corner_l0[1] // 1024 * 1024,
+        )
+        rows, columns = np.nonzero(hits[index])
+        # A 64 px marker is 16 px at level 1, at the level-0 offset divided by 4.
+        assert hits[index].sum() == 16 * 16
+        assert abs(columns.min() - (corner_l0[0] - x_l0) / 4) <= 1
+        assert abs(rows.min() - (corner_l0[1] - y_l0) / 4) <= 1
