@@ -108,14 +108,14 @@ def test_dicom_folder_opens_with_openslide(shared_slides: Path) -> None:
 
 
 def test_dicom_folder_forced_cucim_raises(shared_slides: Path) -> None:
-    with pytest.raises(SlideOpenError, match="folder"):
+    with pytest.raises(SlideOpenError, match="it is a DICOM WSI"):
         open_slide(shared_slides / "dicom_cmu1_small", reader="cucim")
 
 
 def test_folder_without_dicom_raises(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a slide\n")
 
-    with pytest.raises(SlideOpenError, match=r"no \.dcm files"):
+    with pytest.raises(SlideOpenError, match="no DICOM WSI"):
         open_slide(tmp_path)
 
 
@@ -179,21 +179,26 @@ def test_require_mpp_false_ignores_implausible_mpp(shared_slides: Path) -> None:
     assert info.level_count == 4
 
 
-def test_kidney_striped_rgba_opens_with_cucim(shared_slides: Path) -> None:
+def test_kidney_striped_opens_with_tifffile(shared_slides: Path) -> None:
     path = shared_slides / "kidney-48-5.tif"
     with pytest.raises(MissingMppError, match="--mpp"):
         open_slide(path)
 
     with open_slide(path, mpp_override=0.5) as slide:
         info = slide.info
-        region = slide.read_region((0, 0), 0, (32, 16))
+        region = slide.read_region((700, 400), 0, (64, 48))
+    with open_slide(path, mpp_override=0.5, reader="cucim") as slide:
+        cucim_info = slide.info
+        # cuCIM returns RGBA for this file, and the reader composites it to RGB.
+        cucim_region = slide.read_region((700, 400), 0, (64, 48))
 
-    assert info.reader == "cucim"
+    assert info.reader == "tifffile"
     assert info.level_count == 1
     assert info.dimensions == (1493, 901)
-    # cuCIM returns RGBA for this file, and the reader composites it to RGB.
-    assert region.shape == (16, 32, 3)
+    assert region.shape == (48, 64, 3)
     assert region.dtype == np.uint8
+    assert cucim_info.reader == "cucim"
+    assert np.array_equal(region, cucim_region)
 
 
 def test_smalltif_16bit_gray_is_unsupported(shared_slides: Path) -> None:
@@ -205,17 +210,35 @@ def test_smalltif_16bit_gray_is_unsupported(shared_slides: Path) -> None:
     assert "8-bit RGB brightfield" in message
 
 
-def test_implausible_mpp_is_treated_as_missing(
-    shared_slides: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_implausible_mpp_is_treated_as_missing(shared_slides: Path) -> None:
     path = shared_slides / "pathml_small_HE_levels.tiff"
-    with caplog.at_level(logging.WARNING, logger="histomet.slide.mpp"):
-        with pytest.raises(MissingMppError) as caught:
-            open_slide(path)
+    with pytest.raises(MissingMppError) as caught:
+        open_slide(path)
 
     assert "352.858" in str(caught.value)
+    assert "outside the plausible range" in str(caught.value)
     assert "--mpp" in str(caught.value)
-    assert "plausible range" in caplog.text
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_implausible_mpp_then_objective_power_warns(
+    tmp_path: Path, reader: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_pyramid(
+        tmp_path / "slide.svs",
+        _tissue_slide(),
+        (2,),
+        description=_svs_like_description("AppMag = 40|MPP = 352.86"),
+    )
+
+    with caplog.at_level(logging.WARNING, logger="histomet.slide.mpp"):
+        with open_slide(path, reader=reader) as slide:
+            info = slide.info
+
+    assert info.mpp == pytest.approx(0.25)
+    assert info.mpp_source == "objective_power"
+    assert "ignoring MPP 352.86" in caplog.text
+    assert "objective power 40x" in caplog.text
     assert str(path) not in caplog.text
 
 
@@ -590,3 +613,20 @@ def test_thumbnail_strips_match_single_read(
 
     assert stripped_downsample == whole_downsample
     assert np.array_equal(stripped, whole)
+
+
+def test_cucim_tile_cache_matches_direct_reads(shared_slides: Path) -> None:
+    path = shared_slides / "tcga-cr-7395-01a-01-ts1.svs"
+    with open_slide(path, reader="cucim", mpp_override=0.25) as slide:
+        backend = slide._backend
+        # Unaligned with the 256 px tiles, at both levels and at the level edge.
+        for level, x, y, width, height in [
+            (0, 100, 130, 600, 300),
+            (1, 511, 511, 512, 512),
+            (1, 2000, 1700, 221, 83),
+        ]:
+            assembled = backend.read_level(level, x, y, width, height)
+            direct = backend._read_direct(level, x, y, width, height)
+
+            assert assembled.shape == direct.shape
+            assert np.array_equal(assembled, direct)

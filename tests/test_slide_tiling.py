@@ -215,7 +215,7 @@ def test_cmu_small_tissue_and_grid(shared_slides: Path) -> None:
 
     grid = grids["cucim"]
     assert grid.level == 0
-    assert grid.read_px == 513
+    assert grid.read_px == 512
     assert grid.tile_size_l0 == pytest.approx(513.026, abs=0.001)
     # The 5 x 6 grid has 30 positions, and tissue covers about 40 percent of them.
     assert 12 <= grid.n_tiles <= 16
@@ -506,3 +506,46 @@ def test_tissue_mask_rejects_wrong_input() -> None:
         detect_tissue(np.zeros((10, 10), np.uint8), downsample=1.0)
     with pytest.raises(ValueError, match="expected uint8"):
         detect_tissue(np.zeros((10, 10, 3), np.float32), downsample=1.0)
+
+
+def test_read_size_within_tolerance_not_resized() -> None:
+    info = _info((4096, 4096), (1.0, 4.0), mpp=0.499)
+
+    grid = plan_tiles(info, _full_mask(info), tile_px=512, target_mpp=0.5)
+
+    # round(512 * 0.5 / 0.499) = 513 is within 1 percent of 512.
+    assert grid.read_px == 512
+    assert grid.tile_mpp == pytest.approx(0.499)
+    assert grid.tile_size_l0 == pytest.approx(513.026, abs=0.001)
+
+
+def test_read_size_beyond_tolerance_resized() -> None:
+    info = _info((4096, 4096), (1.0, 4.0), mpp=0.49)
+
+    grid = plan_tiles(info, _full_mask(info), tile_px=512, target_mpp=0.5)
+
+    assert grid.read_px == 522
+    assert grid.tile_mpp == pytest.approx(0.5, abs=0.001)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_threaded_reads_match_sequential(marker_pyramid: Path, reader: str) -> None:
+    with open_slide(marker_pyramid, reader=reader) as slide:
+        mask = _tissue_mask_of(slide)
+        grid = plan_tiles(slide.info, mask, tile_px=200, target_mpp=1.28)
+        sequential = list(iter_tile_batches(slide, grid, 5, workers=1))
+        threaded = list(iter_tile_batches(slide, grid, 5, workers=4))
+
+    assert grid.read_px == 256
+    assert [b.offset for b in threaded] == [b.offset for b in sequential]
+    for sequential_batch, threaded_batch in zip(sequential, threaded):
+        assert np.array_equal(sequential_batch.coords_l0, threaded_batch.coords_l0)
+        assert np.array_equal(sequential_batch.tiles, threaded_batch.tiles)
+
+
+def test_invalid_worker_count_raises(marker_pyramid: Path) -> None:
+    with open_slide(marker_pyramid) as slide:
+        mask = _tissue_mask_of(slide)
+        grid = plan_tiles(slide.info, mask, tile_px=256, target_mpp=1.0)
+        with pytest.raises(ValueError, match="invalid workers 0"):
+            next(iter_tile_batches(slide, grid, 4, workers=0))

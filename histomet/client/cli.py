@@ -1,5 +1,7 @@
 """``histomet-client``: predict metastasis risk and site for a slide through Triton.
 
+``histomet-client tiles`` checks that a slide opens and tiles, without a server.
+
 Exit codes: 0 prediction made, 1 unexpected error, 2 invalid arguments,
 3 invalid input slide, 4 server or model failure, 5 no tissue found,
 130 interrupted.
@@ -204,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="add every tile's attention and top concepts to the JSON result "
         "(key 'tiles')",
     )
+
+    from histomet.client.tiles import add_tiles_arguments
+
+    tiles = commands.add_parser(
+        "tiles",
+        help="open, mask and tile a slide without a server, and report the result",
+        parents=[debug],
+    )
+    add_tiles_arguments(tiles, _mpp)
     return parser
 
 
@@ -495,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        if args.command == "tiles":
+            from histomet.client.tiles import run_tiles
+
+            return run_tiles(args)
         parser.error(f"unknown command {args.command}")
     except HistometError as error:
         if args.debug:

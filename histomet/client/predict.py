@@ -234,6 +234,7 @@ def predict_slide(
                     "tile_mpp": round(float(grid.tile_mpp), 6),
                     "read_level": grid.level,
                     "tissue_fraction": round(float(mask.tissue_fraction), 6),
+                    "warnings": list(info.warnings),
                 },
                 "model": _model_section(served),
             }

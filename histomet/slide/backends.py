@@ -1,4 +1,4 @@
-"""Thin adapters over cuCIM and OpenSlide with one interface for the slide reader.
+"""Thin adapters over cuCIM, OpenSlide and tifffile with one interface for the reader.
 
 An adapter only reads regions that lie inside a level, addressed in that level's
 pixels. Clipping, padding, alpha compositing and the choice of MPP happen once, in
@@ -8,6 +8,8 @@ pixels. Clipping, padding, alpha compositing and the choice of MPP happen once, 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 from typing import Literal
@@ -15,10 +17,12 @@ from typing import Protocol
 
 import numpy as np
 
+from histomet.slide.dicom import ColourFix
+from histomet.slide.dicom import ycbcr_to_rgb
 from histomet.slide.mpp import MppCandidate
 from histomet.slide.mpp import parse_positive_float
 
-ReaderName = Literal["cucim", "openslide"]
+ReaderName = Literal["cucim", "openslide", "tifffile"]
 
 
 class BackendOpenError(Exception):
@@ -106,6 +110,14 @@ class CucimBackend:
             (int(width), int(height))
             for width, height in resolutions["level_dimensions"]
         )
+        self._downsamples = tuple(float(d) for d in resolutions["level_downsamples"])
+        self._tile_sizes = tuple(
+            (int(width), int(height))
+            for width, height in resolutions.get("level_tile_sizes", ())
+        )
+        self._tiles: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._tile_bytes = 0
+        self._lock = threading.Lock()
         metadata: dict[str, Any] = self._image.metadata
         self._aperio: dict[str, str] = metadata.get("aperio", {})
         self.vendor = _cucim_vendor(metadata)
@@ -125,16 +137,85 @@ class CucimBackend:
             return []
         return [MppCandidate(aperio_mpp, aperio_mpp, "Aperio MPP field")]
 
+    # Decoded native tiles kept per slide, so that grid tiles that are not aligned
+    # with the file's tiles do not decode a shared tile again.
+    _TILE_CACHE_BYTES = 96 * 1024 * 1024
+
     def read_level(
         self, level: int, x_level: int, y_level: int, width: int, height: int
     ) -> np.ndarray:
-        """Read an in-bounds region with cuCIM, which takes level-0 locations.
+        """Read an in-bounds region, assembled from the file's tiles at ``level``.
+
+        cuCIM 26.6 keeps no tile cache by default, so a 512 px read that straddles
+        256 px JPEG 2000 tiles decoded up to 9 of them, and its neighbour decoded 3
+        of those again. Each native tile is read aligned (one decode) and kept in
+        an LRU cache. Levels without a tile size are read directly.
+        """
+        tile_width, tile_height = (
+            self._tile_sizes[level] if level < len(self._tile_sizes) else (0, 0)
+        )
+        if tile_width <= 0 or tile_height <= 0:
+            return self._read_direct(level, x_level, y_level, width, height)
+
+        out: np.ndarray | None = None
+        for row in range(
+            y_level // tile_height, (y_level + height - 1) // tile_height + 1
+        ):
+            for column in range(
+                x_level // tile_width, (x_level + width - 1) // tile_width + 1
+            ):
+                tile = self._native_tile(level, column, row, tile_width, tile_height)
+                if out is None:
+                    out = np.empty((height, width, tile.shape[2]), dtype=tile.dtype)
+                left = max(x_level, column * tile_width)
+                top = max(y_level, row * tile_height)
+                right = min(x_level + width, column * tile_width + tile.shape[1])
+                bottom = min(y_level + height, row * tile_height + tile.shape[0])
+                out[
+                    top - y_level : bottom - y_level, left - x_level : right - x_level
+                ] = tile[
+                    top - row * tile_height : bottom - row * tile_height,
+                    left - column * tile_width : right - column * tile_width,
+                ]
+        assert out is not None
+        return out
+
+    def _native_tile(
+        self, level: int, column: int, row: int, tile_width: int, tile_height: int
+    ) -> np.ndarray:
+        key = (level, column, row)
+        with self._lock:
+            cached = self._tiles.get(key)
+            if cached is not None:
+                self._tiles.move_to_end(key)
+                return cached
+
+        level_width, level_height = self.level_dimensions[level]
+        x_level = column * tile_width
+        y_level = row * tile_height
+        width = min(tile_width, level_width - x_level)
+        height = min(tile_height, level_height - y_level)
+        tile = self._read_direct(level, x_level, y_level, width, height)
+
+        with self._lock:
+            if key not in self._tiles:
+                self._tiles[key] = tile
+                self._tile_bytes += tile.nbytes
+            while self._tile_bytes > self._TILE_CACHE_BYTES and len(self._tiles) > 1:
+                _, evicted = self._tiles.popitem(last=False)
+                self._tile_bytes -= evicted.nbytes
+        return tile
+
+    def _read_direct(
+        self, level: int, x_level: int, y_level: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read a region with cuCIM, which takes level-0 locations.
 
         cuCIM maps a level-0 location to ``floor(location / downsample)`` with its
         own downsample, so the location passed is the smallest integer that maps
         back to ``(x_level, y_level)``.
         """
-        downsample = float(self._image.resolutions["level_downsamples"][level])
+        downsample = self._downsamples[level]
         location = (
             math.ceil(x_level * downsample),
             math.ceil(y_level * downsample),
@@ -145,7 +226,10 @@ class CucimBackend:
         return np.asarray(region)
 
     def close(self) -> None:
-        """Close the cuCIM image."""
+        """Close the cuCIM image and drop its cached tiles."""
+        with self._lock:
+            self._tiles.clear()
+            self._tile_bytes = 0
         self._image.close()
 
 
@@ -154,12 +238,13 @@ class OpenSlideBackend:
 
     name: ReaderName = "openslide"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, colour_fix: ColourFix = "none") -> None:
         try:
             import openslide
         except ImportError as error:
             raise BackendOpenError(f"OpenSlide is not installed ({error})") from error
 
+        self._colour_fix = colour_fix
         try:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideError as error:
@@ -203,14 +288,123 @@ class OpenSlideBackend:
         """
         downsample = self._downsamples[level]
         location = (round(x_level * downsample), round(y_level * downsample))
-        # NOTE: OpenSlide 4.0.1 recovers from some corrupt JPEG data without
-        # raising or printing, so such damage reaches the pixels unreported.
-        region = self._slide.read_region(location, level, (width, height))
-        return np.asarray(region)
+        # OpenSlide 4.0.1 raises on every JPEG error and warning libjpeg reports
+        # (truncated data, bad Huffman codes, extra bytes). NOTE: a bit flip that
+        # still decodes to a valid JPEG stream is reported by no decoder, and SVS
+        # files carry no checksums, so such damage reaches the pixels unreported.
+        region = np.asarray(self._slide.read_region(location, level, (width, height)))
+        if self._colour_fix == "ycbcr_to_rgb":
+            region = region.copy()
+            region[..., :3] = ycbcr_to_rgb(region[..., :3])
+        return region
 
     def close(self) -> None:
         """Close the OpenSlide handle."""
         self._slide.close()
+
+
+class TifffileBackend:
+    """tifffile for plain single-level TIFFs, such as striped (non-tiled) images.
+
+    Neither slide reader suits these: OpenSlide rejects striped TIFFs, and cuCIM
+    reads them through a slow whole-image path. Strips are decoded on demand with
+    tifffile (imagecodecs supplies the codecs) and the most recent ones are kept,
+    within ``_STRIP_CACHE_BYTES``.
+    """
+
+    name: ReaderName = "tifffile"
+    _STRIP_CACHE_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+
+        try:
+            self._tiff = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, ValueError, OSError) as error:
+            raise BackendOpenError(scrub_path(str(error), path)) from error
+
+        try:
+            self._page = self._tiff.pages[0]
+            self._check_layout()
+        except BaseException:
+            self._tiff.close()
+            raise
+
+        page = self._page
+        self.level_dimensions = ((int(page.imagewidth), int(page.imagelength)),)
+        self.vendor = "generic-tiff"
+        self.objective_power = None
+        self.sample_bits = int(page.bitspersample)
+        self.channel_count = int(page.samplesperpixel)
+        self._rows_per_strip = min(int(page.rowsperstrip), int(page.imagelength))
+        self._strips: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._strip_bytes = 0
+        # Reads come from several threads; the file position and the cache are shared.
+        self._lock = threading.Lock()
+
+    def _check_layout(self) -> None:
+        page = self._page
+        if page.is_tiled:
+            raise BackendOpenError("the image is tiled; a slide reader handles it")
+        if int(page.planarconfig) != 1:
+            raise BackendOpenError("planar (separate) sample layout is not supported")
+        if page.samplesperpixel not in (3, 4):
+            raise BackendOpenError(f"{page.samplesperpixel} samples per pixel")
+
+    def mpp_candidates(self) -> list[MppCandidate]:
+        """Return nothing: the reader takes TIFF resolution tags from the header."""
+        return []
+
+    def read_level(
+        self, level: int, x_level: int, y_level: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read an in-bounds region of the only level from its strips."""
+        if level != 0:
+            raise ValueError(f"invalid level {level}: a plain TIFF has only level 0")
+        out = np.empty((height, width, self.channel_count), dtype=np.uint8)
+        first = y_level // self._rows_per_strip
+        last = (y_level + height - 1) // self._rows_per_strip
+        for index in range(first, last + 1):
+            with self._lock:
+                strip = self._strip(index)
+            strip_top = index * self._rows_per_strip
+            top = max(y_level, strip_top)
+            bottom = min(y_level + height, strip_top + strip.shape[0])
+            out[top - y_level : bottom - y_level] = strip[
+                top - strip_top : bottom - strip_top, x_level : x_level + width
+            ]
+        return out
+
+    def _strip(self, index: int) -> np.ndarray:
+        cached = self._strips.get(index)
+        if cached is not None:
+            self._strips.move_to_end(index)
+            return cached
+
+        page = self._page
+        handle = self._tiff.filehandle
+        handle.seek(page.dataoffsets[index])
+        data = handle.read(page.databytecounts[index])
+        if len(data) != page.databytecounts[index]:
+            raise OSError(f"strip {index} is truncated: the file ends inside it")
+        segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        rows = min(
+            self._rows_per_strip, page.imagelength - index * self._rows_per_strip
+        )
+        strip = np.asarray(segment).reshape(-1, page.imagewidth, self.channel_count)
+        strip = np.ascontiguousarray(strip[:rows])
+
+        self._strips[index] = strip
+        self._strip_bytes += strip.nbytes
+        while self._strip_bytes > self._STRIP_CACHE_BYTES and len(self._strips) > 1:
+            _, evicted = self._strips.popitem(last=False)
+            self._strip_bytes -= evicted.nbytes
+        return strip
+
+    def close(self) -> None:
+        """Close the file."""
+        self._strips.clear()
+        self._tiff.close()
 
 
 def _cucim_vendor(metadata: dict[str, Any]) -> str | None:

@@ -174,7 +174,8 @@ def choose_mpp(
 
     Precedence: ``mpp_override`` when given, then the first plausible metadata
     candidate, then 10 / objective power with a warning. Implausible metadata values
-    (outside 0.05 to 20 µm/px) are logged as warnings and skipped. With none of these
+    (outside 0.05 to 20 µm/px) are skipped, with a warning when another source
+    gives the MPP. With none of these
     it raises MissingMppError, and it never assumes a magnification.
     """
     if mpp_override is not None:
@@ -183,20 +184,11 @@ def choose_mpp(
     rejected: list[MppCandidate] = []
     for candidate in candidates:
         if not is_plausible_mpp(candidate.mpp):
-            if any(math.isclose(candidate.mpp, r.mpp) for r in rejected):
-                continue
-            _LOGGER.warning(
-                "slide %s: ignoring MPP %.6g µm/px from %s because it is outside "
-                "the plausible range %g to %g µm/px",
-                slide_id,
-                candidate.mpp,
-                candidate.origin,
-                MIN_PLAUSIBLE_MPP,
-                MAX_PLAUSIBLE_MPP,
-            )
-            rejected.append(candidate)
+            if not any(math.isclose(candidate.mpp, r.mpp) for r in rejected):
+                rejected.append(candidate)
             continue
 
+        _warn_rejected(rejected, slide_id)
         anisotropy = abs(candidate.mpp_x - candidate.mpp_y) / candidate.mpp
         if anisotropy > _MAX_ANISOTROPY:
             _LOGGER.warning(
@@ -213,6 +205,7 @@ def choose_mpp(
     if objective_power is not None:
         estimate = _MPP_AT_1X / objective_power
         if is_plausible_mpp(estimate):
+            _warn_rejected(rejected, slide_id)
             _LOGGER.warning(
                 "slide %s: no MPP in the metadata, estimating %.4g µm/px from "
                 "objective power %gx. Pass an MPP override if the scanner differs",
@@ -234,6 +227,23 @@ def choose_mpp(
         "Pass --mpp MICRONS (mpp_override in Python), for example --mpp 0.25 "
         "for a 40x scan or --mpp 0.5 for a 20x scan",
     )
+
+
+def _warn_rejected(rejected: list[MppCandidate], slide_id: str) -> None:
+    """Log the implausible values skipped on the way to an MPP that was found.
+
+    When no MPP is found, the error names the rejected value instead.
+    """
+    for candidate in rejected:
+        _LOGGER.warning(
+            "slide %s: ignoring MPP %.6g µm/px from %s because it is outside "
+            "the plausible range %g to %g µm/px",
+            slide_id,
+            candidate.mpp,
+            candidate.origin,
+            MIN_PLAUSIBLE_MPP,
+            MAX_PLAUSIBLE_MPP,
+        )
 
 
 def validate_mpp_override(mpp_override: float) -> float:

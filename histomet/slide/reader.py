@@ -16,7 +16,9 @@ import hashlib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
+from dataclasses import replace
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
@@ -35,21 +37,32 @@ from histomet.slide.backends import CucimBackend
 from histomet.slide.backends import OpenSlideBackend
 from histomet.slide.backends import ReaderName
 from histomet.slide.backends import SlideBackend
+from histomet.slide.backends import TifffileBackend
 from histomet.slide.backends import measured_downsamples
+from histomet.slide.dicom import find_series
+from histomet.slide.dicom import is_dicom_file
 from histomet.slide.mpp import MppSource
 from histomet.slide.mpp import choose_mpp
 from histomet.slide.mpp import validate_mpp_override
+from histomet.slide.probe import probe_cucim
+from histomet.slide.tiff_header import TiffHeader
 from histomet.slide.tiff_header import check_pixel_format
+from histomet.slide.tiff_header import check_tiff_complete
+from histomet.slide.tiff_header import has_tiff_magic
 from histomet.slide.tiff_header import read_tiff_header
 
 _LOGGER = logging.getLogger(__name__)
 
-ReaderChoice = Literal["auto", "cucim", "openslide"]
+ReaderChoice = Literal["auto", "cucim", "openslide", "tifffile"]
+READER_CHOICES: tuple[ReaderChoice, ...] = ("auto", "cucim", "openslide", "tifffile")
+
+# OpenSlide's error for an NDPI tile offset it resolved wrongly.
+_NDPI_MARKER_ERROR = re.compile(r"Expected marker at (\d+)")
 
 SUPPORTED_FORMATS = (
     "pyramidal or tiled TIFF, Aperio SVS and Philips TIFF (cuCIM or OpenSlide), "
     "and Hamamatsu NDPI/VMS, Leica SCN, MIRAX MRXS, Sakura SVSLIDE, Ventana BIF, "
-    "Zeiss CZI and DICOM WSI folders (OpenSlide)"
+    "Zeiss CZI and DICOM WSI (OpenSlide), and plain striped RGB TIFF (tifffile)"
 )
 
 # Bytes of level pixels that one thumbnail strip may hold, as RGBA.
@@ -69,6 +82,7 @@ class SlideInfo:
     mpp_source: MppSource | None
     objective_power: float | None
     vendor: str | None  # OpenSlide's vendor name, e.g. "aperio", "generic-tiff"
+    warnings: tuple[str, ...] = ()  # what the reader corrected or fell back from
 
     def level_mpp(self, level: int) -> float:
         """Return the MPP of ``level``, raising ValueError when the MPP is unknown."""
@@ -232,7 +246,7 @@ class Slide:
             raise SlideReadError(
                 f"{self.info.reader} failed to decode {self.display_name} at level "
                 f"{level}, region ({left}, {top}, {right - left}x{bottom - top}): "
-                f"{type(error).__name__}: {error}",
+                f"{type(error).__name__}: {' '.join(str(error).split())}",
                 "the file is corrupt or truncated; no prediction was made",
             ) from error
         region[top - y_level : bottom - y_level, left - x_level : right - x_level] = (
@@ -280,20 +294,22 @@ def open_slide(
     display_name: str = "the slide",
     require_mpp: bool = True,
 ) -> Slide:
-    """Open a slide file, or a DICOM WSI folder, and determine its MPP.
+    """Open a slide file, a DICOM WSI folder or one of its instances, and its MPP.
 
-    ``reader="auto"`` tries cuCIM and then OpenSlide. A folder is opened with
-    OpenSlide through one of its ``.dcm`` files. ``display_name`` is the slide's
-    name in error messages, which never contain the path otherwise.
+    ``reader="auto"`` picks, in this order: OpenSlide for DICOM, tifffile for a
+    striped (non-tiled) TIFF, cuCIM when a child process has opened the file with
+    it without crashing (see ``histomet.slide.probe``), and OpenSlide otherwise.
+    ``display_name`` is the slide's name in error messages, which never contain
+    the path otherwise.
 
     Raises SlideNotFoundError for a missing path, UnsupportedImageError for pixels
     that are not 8-bit RGB, SlideOpenError when no reader opens the file, and
     MissingMppError when the MPP is unknown and ``require_mpp`` is true. Raises
     ValueError for an invalid ``reader`` or ``mpp_override``.
     """
-    if reader not in ("auto", "cucim", "openslide"):
+    if reader not in READER_CHOICES:
         raise ValueError(
-            f"invalid reader {reader!r}: expected 'auto', 'cucim' or 'openslide'"
+            f"invalid reader {reader!r}: expected one of {', '.join(READER_CHOICES)}"
         )
     if mpp_override is not None:
         validate_mpp_override(mpp_override)
@@ -304,58 +320,32 @@ def open_slide(
             f"no file or folder at the path given for {display_name}",
             "Check the path and that the storage is mounted",
         )
+    if slide_path.is_file() and slide_path.stat().st_size == 0:
+        raise SlideOpenError(
+            f"{display_name} is an empty file (0 bytes)",
+            "Copy the slide again; the transfer may have failed",
+        )
     slide_id = slide_id_for_path(slide_path)
 
     header = None
-    if slide_path.is_dir():
-        if reader == "cucim":
-            raise SlideOpenError(
-                f"cuCIM cannot open {display_name}: it is a folder",
-                "Use reader 'auto' or 'openslide' for DICOM WSI folders",
-            )
-        target = _find_dicom_instance(slide_path, display_name)
-        backend = _open_backend(target, "openslide", slide_id, display_name)
+    warnings: list[str] = []
+    if slide_path.is_dir() or is_dicom_file(slide_path):
+        backend = _open_dicom(slide_path, reader, display_name, warnings)
     else:
+        if has_tiff_magic(slide_path):
+            check_tiff_complete(slide_path, display_name)
         header = read_tiff_header(slide_path)
         if header is not None:
             check_pixel_format(header, display_name)
-        backend = _open_backend(slide_path, reader, slide_id, display_name)
+        backend = _open_backend(
+            slide_path, reader, header, slide_id, display_name, warnings
+        )
 
     try:
-        _check_backend_pixel_format(backend, display_name)
-        candidates = backend.mpp_candidates()
-        header_candidate = header.mpp_candidate() if header is not None else None
-        if header_candidate is not None:
-            candidates.append(header_candidate)
-
-        mpp: float | None = None
-        mpp_source: MppSource | None = None
-        try:
-            choice = choose_mpp(
-                candidates,
-                backend.objective_power,
-                mpp_override,
-                slide_id=slide_id,
-                display_name=display_name,
-            )
-            mpp = choice.mpp
-            mpp_source = choice.source
-        except MissingMppError:
-            if require_mpp:
-                raise
-
-        level_dimensions = backend.level_dimensions
-        info = SlideInfo(
-            reader=backend.name,
-            dimensions=level_dimensions[0],
-            level_count=len(level_dimensions),
-            level_dimensions=level_dimensions,
-            level_downsamples=measured_downsamples(level_dimensions),
-            mpp=mpp,
-            mpp_source=mpp_source,
-            objective_power=backend.objective_power,
-            vendor=backend.vendor,
+        info = _slide_info(
+            backend, header, mpp_override, require_mpp, slide_id, display_name
         )
+        info = replace(info, warnings=tuple(warnings))
     except BaseException:
         backend.close()
         raise
@@ -367,35 +357,123 @@ def open_slide(
         info.level_count,
         info.dimensions[0],
         info.dimensions[1],
-        f"{mpp:.4g}" if mpp is not None else "unknown",
-        mpp_source,
+        f"{info.mpp:.4g}" if info.mpp is not None else "unknown",
+        info.mpp_source,
     )
     return Slide(backend, info, slide_id=slide_id, display_name=display_name)
 
 
-def _open_backend(
-    path: Path, reader: ReaderChoice, slide_id: str, display_name: str
+def _slide_info(
+    backend: SlideBackend,
+    header: TiffHeader | None,
+    mpp_override: float | None,
+    require_mpp: bool,
+    slide_id: str,
+    display_name: str,
+) -> SlideInfo:
+    """Check the reader's pixel format, choose the MPP and describe the slide."""
+    _check_backend_pixel_format(backend, display_name)
+    candidates = backend.mpp_candidates()
+    header_candidate = header.mpp_candidate() if header is not None else None
+    if header_candidate is not None:
+        candidates.append(header_candidate)
+
+    mpp: float | None = None
+    mpp_source: MppSource | None = None
+    try:
+        choice = choose_mpp(
+            candidates,
+            backend.objective_power,
+            mpp_override,
+            slide_id=slide_id,
+            display_name=display_name,
+        )
+        mpp = choice.mpp
+        mpp_source = choice.source
+    except MissingMppError:
+        if require_mpp:
+            raise
+
+    level_dimensions = backend.level_dimensions
+    return SlideInfo(
+        reader=backend.name,
+        dimensions=level_dimensions[0],
+        level_count=len(level_dimensions),
+        level_dimensions=level_dimensions,
+        level_downsamples=measured_downsamples(level_dimensions),
+        mpp=mpp,
+        mpp_source=mpp_source,
+        objective_power=backend.objective_power,
+        vendor=backend.vendor,
+    )
+
+
+def _open_dicom(
+    path: Path, reader: ReaderChoice, display_name: str, warnings: list[str]
 ) -> SlideBackend:
-    """Open ``path`` with the requested reader, or cuCIM then OpenSlide for auto."""
+    """Open a DICOM WSI folder or instance with OpenSlide, after checking the series."""
+    if reader not in ("auto", "openslide"):
+        raise SlideOpenError(
+            f"the {reader} reader cannot open {display_name}: it is a DICOM WSI",
+            "Use reader 'auto' or 'openslide' for DICOM WSI",
+        )
+    series = find_series(path, display_name)
+    if series.colour_fix == "ycbcr_to_rgb":
+        warnings.append(
+            "DICOM JPEG frames are YCbCr although the header declares RGB; "
+            "pixels converted to RGB"
+        )
+    try:
+        return OpenSlideBackend(series.open_path, colour_fix=series.colour_fix)
+    except BackendOpenError as error:
+        raise SlideOpenError(
+            f"OpenSlide failed to open the DICOM WSI {display_name} ({error})",
+            "Check that every instance of the series is present and readable",
+        ) from error
+
+
+def _open_backend(
+    path: Path,
+    reader: ReaderChoice,
+    header: TiffHeader | None,
+    slide_id: str,
+    display_name: str,
+    warnings: list[str],
+) -> SlideBackend:
+    """Open a file with the requested reader, or choose one for ``auto``."""
     failures: list[str] = []
+    plain_tiff = header is not None and not header.tiled
+
+    if reader == "tifffile" or (reader == "auto" and plain_tiff):
+        try:
+            return TifffileBackend(path)
+        except BackendOpenError as error:
+            failures.append(f"tifffile: {error}")
 
     if reader in ("auto", "cucim"):
-        try:
-            return CucimBackend(path)
-        except BackendOpenError as error:
-            failures.append(f"cuCIM: {error}")
-            if reader == "auto":
-                _LOGGER.info(
-                    "slide %s: cuCIM cannot open it (%s), trying OpenSlide",
-                    slide_id,
-                    error,
-                )
+        probe = probe_cucim(path)
+        if probe.ok:
+            try:
+                return CucimBackend(path)
+            except BackendOpenError as error:
+                failures.append(f"cuCIM: {error}")
+        else:
+            failures.append(f"cuCIM: {probe.detail}")
+        if reader == "auto":
+            _LOGGER.info(
+                "slide %s: cuCIM cannot open it (%s), trying OpenSlide",
+                slide_id,
+                failures[-1],
+            )
+            if probe.outcome in ("crashed", "timed_out"):
+                warnings.append(f"cuCIM probe {probe.outcome}: {probe.detail}")
 
     if reader in ("auto", "openslide"):
         try:
             return OpenSlideBackend(path)
         except BackendOpenError as error:
             failures.append(f"OpenSlide: {error}")
+            _raise_for_large_ndpi(str(error), display_name, error)
 
     raise SlideOpenError(
         f"failed to open {display_name} with any slide reader ({', '.join(failures)})",
@@ -403,24 +481,22 @@ def _open_backend(
     )
 
 
-def _find_dicom_instance(folder: Path, display_name: str) -> Path:
-    """Return one ``.dcm`` file of the folder, from which OpenSlide finds the rest."""
-    # TODO: DICOM instances without a .dcm suffix, and folders that hold more than
-    # one series, need a DICOM-aware search (the header's SeriesInstanceUID).
-    # NOTE: colours are not validated. OpenSlide 4.0.1 returns JFIF (YCbCr) JPEG
-    # frames unconverted when the instance declares PhotometricInterpretation RGB,
-    # as the wsi2dcm-made CMU-1 sample does, so such slides read with wrong colours.
-    instances = sorted(
-        child
-        for child in folder.iterdir()
-        if child.is_file() and child.suffix.lower() == ".dcm"
-    )
-    if not instances:
-        raise SlideOpenError(
-            f"cannot open {display_name} as a slide: the folder has no .dcm files",
-            "Pass a slide file, or a folder that holds one DICOM WSI series",
-        )
-    return instances[0]
+def _raise_for_large_ndpi(message: str, display_name: str, cause: Exception) -> None:
+    """Raise a specific error for OpenSlide's failure on NDPI files over 4 GiB.
+
+    NDPI stores 32-bit offsets and keeps their high bits elsewhere. OpenSlide
+    guesses them and fails with "Expected marker at N" for an offset beyond 4 GiB.
+    """
+    match = _NDPI_MARKER_ERROR.search(message)
+    if match is None or int(match.group(1)) < 2**32:
+        return
+    raise SlideOpenError(
+        f"unsupported format: OpenSlide cannot resolve the tile offsets beyond 4 GiB "
+        f"in {display_name}, as in NDPI files over 4 GiB, which store only their "
+        f"low 32 bits ({message})",
+        "Convert it to a pyramidal BigTIFF (for example with vips tiffsave "
+        "--tile --pyramid --bigtiff) and predict the converted file",
+    ) from cause
 
 
 def _check_backend_pixel_format(backend: SlideBackend, display_name: str) -> None:

@@ -9,11 +9,13 @@ the first IFD's tags itself: only the header is parsed, no pixel data is decoded
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import tifffile
 
+from histomet.errors import SlideOpenError
 from histomet.errors import UnsupportedImageError
 from histomet.slide.mpp import MppCandidate
 from histomet.slide.mpp import mpp_from_resolution
@@ -36,6 +38,8 @@ class TiffHeader:
     x_resolution: tuple[int, int] | None  # rational pixels per unit
     y_resolution: tuple[int, int] | None
     resolution_unit: int | None  # TIFF code: 1 none, 2 inch, 3 cm (4, 5 tifffile)
+    tiled: bool = True  # False for a striped image
+    is_ndpi: bool = False
 
     @property
     def pixel_format(self) -> str:
@@ -73,10 +77,134 @@ def read_tiff_header(path: Path) -> TiffHeader | None:
                 x_resolution=_rational_tag(page, "XResolution"),
                 y_resolution=_rational_tag(page, "YResolution"),
                 resolution_unit=_int_tag(page, "ResolutionUnit"),
+                tiled=bool(page.is_tiled),
+                is_ndpi=bool(tif.is_ndpi),
             )
     except (tifffile.TiffFileError, ValueError, OSError, IndexError) as error:
         _LOGGER.debug("not read as a TIFF: %s", type(error).__name__)
         return None
+
+
+_TIFF_MAGICS = {
+    b"II*\x00": ("<", False),
+    b"MM\x00*": (">", False),
+    b"II+\x00": ("<", True),
+    b"MM\x00+": (">", True),
+}
+_MAX_IFDS = 100_000
+# Bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ...).
+_TYPE_BYTES = {
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 1,
+    7: 1,
+    8: 2,
+    9: 4,
+    10: 8,
+    11: 4,
+    12: 8,
+    13: 4,
+    16: 8,
+    17: 8,
+    18: 8,
+}
+
+
+def has_tiff_magic(path: Path) -> bool:
+    """Return True when the file starts with a classic or BigTIFF header."""
+    with open(path, "rb") as handle:
+        return handle.read(4) in _TIFF_MAGICS
+
+
+def check_tiff_complete(path: Path, display_name: str) -> None:
+    """Raise SlideOpenError when a TIFF's directories or pixel data pass its end.
+
+    Walks the chain of IFD offsets from the header and checks that every strip or
+    tile of every page lies inside the file. A copy cut short by a failed transfer
+    fails here with the offsets, instead of as "unsupported format" in a reader.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        offset = _first_bad_ifd_offset(handle, size)
+    if offset is not None:
+        raise SlideOpenError(
+            f"{display_name} is truncated or corrupt: TIFF directory data at byte "
+            f"{offset} lies past the end of the file ({size} bytes)",
+            "Copy the slide again; the transfer may have been cut short",
+        )
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for index, page in enumerate(tif.pages):
+                ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts)]
+                if ends and max(ends) > size:
+                    raise SlideOpenError(
+                        f"{display_name} is truncated: pixel data of TIFF page "
+                        f"{index} ends at byte {max(ends)}, past the end of the "
+                        f"file ({size} bytes)",
+                        "Copy the slide again; the transfer may have been cut short",
+                    )
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError) as error:
+        _LOGGER.debug("TIFF completeness not checked: %s", type(error).__name__)
+
+
+def _first_bad_ifd_offset(handle, size: int) -> int | None:
+    """Follow the IFD chain; return the first offset that lies past the file end.
+
+    The offsets checked are those of each IFD and of each tag value stored
+    outside its IFD entry.
+    """
+    header = handle.read(16)
+    byte_order, big = _TIFF_MAGICS[header[:4]]
+    if big:
+        (offset,) = struct.unpack(byte_order + "Q", header[8:16])
+        count_format, entry_size, next_format = "Q", 20, "Q"
+    else:
+        (offset,) = struct.unpack(byte_order + "I", header[4:8])
+        count_format, entry_size, next_format = "H", 12, "I"
+        # NOTE: NDPI files over 4 GiB keep the high bits of offsets elsewhere,
+        # so their 32-bit chain cannot be followed here.
+        if size > 2**32:
+            return None
+
+    count_size = struct.calcsize(count_format)
+    next_size = struct.calcsize(next_format)
+    seen: set[int] = set()
+    while offset and len(seen) < _MAX_IFDS and offset not in seen:
+        seen.add(offset)
+        if offset + count_size > size:
+            return offset
+        handle.seek(offset)
+        (entries,) = struct.unpack(byte_order + count_format, handle.read(count_size))
+        next_at = offset + count_size + entries * entry_size
+        if next_at + next_size > size:
+            return offset
+        table = handle.read(entries * entry_size)
+        bad_value = _first_bad_value_offset(table, byte_order, big, size)
+        if bad_value is not None:
+            return bad_value
+        handle.seek(next_at)
+        (offset,) = struct.unpack(byte_order + next_format, handle.read(next_size))
+    return None
+
+
+def _first_bad_value_offset(
+    table: bytes, byte_order: str, big: bool, size: int
+) -> int | None:
+    entry_format = byte_order + ("HHQQ" if big else "HHII")
+    entry_size = struct.calcsize(entry_format)
+    inline_bytes = 8 if big else 4
+    for start in range(0, len(table), entry_size):
+        _, field_type, count, value = struct.unpack(
+            entry_format, table[start : start + entry_size]
+        )
+        length = _TYPE_BYTES.get(field_type, 1) * count
+        if length > inline_bytes and value + length > size:
+            return value
+    return None
 
 
 def check_pixel_format(header: TiffHeader, display_name: str) -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from histomet.errors import SlideReadError
 from histomet.slide.reader import Slide
 from histomet.slide.reader import SlideInfo
 from histomet.slide.tissue import TissueMask
+from histomet.slide.tissue import check_brightfield
 from histomet.slide.tissue import detect_tissue
 
 _LOGGER = logging.getLogger(__name__)
@@ -66,7 +70,11 @@ def plan_tiles(
     A tile spans ``tile_px * target_mpp / info.mpp`` level-0 pixels. It is read from
     the coarsest level whose MPP is at most ``target_mpp * (1 + mpp_tolerance)``
     (level 0 when every level is coarser, which upsamples), as
-    ``round(tile_size_l0 / downsample)`` pixels of that level.
+    ``round(tile_size_l0 / downsample)`` pixels of that level. When that size is
+    within ``mpp_tolerance`` of ``tile_px``, ``tile_px`` pixels are read instead and
+    not resampled: a 513 to 512 px bicubic resize blurs every pixel to correct a
+    0.2% scale error (smaller than scanner calibration error) and costs more than
+    decoding the tile. ``tile_mpp`` reports the scale actually delivered.
 
     The grid starts at (0, 0) and steps by the tile size until it covers level 0.
     A tile is kept when tissue covers at least ``min_tissue_fraction`` of its whole
@@ -89,6 +97,8 @@ def plan_tiles(
     level = choose_read_level(info, target_mpp, mpp_tolerance)
     downsample = info.level_downsamples[level]
     read_px = max(1, round(tile_size_l0 / downsample))
+    if abs(read_px - tile_px) <= tile_px * mpp_tolerance:
+        read_px = tile_px
     tile_mpp = read_px * downsample * info.mpp / tile_px
     if info.level_mpp(level) > target_mpp * (1.0 + mpp_tolerance):
         _LOGGER.warning(
@@ -183,8 +193,13 @@ def tile_tissue_fractions(
     return tissue_px / footprint_px
 
 
+def default_read_workers() -> int:
+    """Return the number of tile-reading threads: the CPUs, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def iter_tile_batches(
-    slide: Slide, grid: TileGrid, batch_size: int
+    slide: Slide, grid: TileGrid, batch_size: int, *, workers: int | None = None
 ) -> Iterator[TileBatch]:
     """Read the grid's tiles in order and yield them in batches of ``batch_size``.
 
@@ -196,18 +211,65 @@ def iter_tile_batches(
     ``reducing_gap`` is set because it changes pixels compared with plain bicubic,
     and reading from the nearest finer level keeps the scale factor small (under 2
     for a pyramid with power-of-two levels). The last batch may be smaller.
+
+    The tiles of one batch are read by ``workers`` threads (default
+    :func:`default_read_workers`). The decoders and PIL release the GIL, and the
+    order of tiles in a batch is the grid's order whatever the thread timing.
+    Only one batch is in memory at a time.
     """
     if batch_size < 1:
         raise ValueError(f"invalid batch_size {batch_size}: expected >= 1")
+    workers = default_read_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"invalid workers {workers}: expected >= 1")
 
     read_size = (grid.read_px, grid.read_px)
-    for offset in range(0, grid.n_tiles, batch_size):
-        coords = grid.coords_l0[offset : offset + batch_size]
-        tiles = np.empty((coords.shape[0], grid.tile_px, grid.tile_px, 3), np.uint8)
-        for index, (x_l0, y_l0) in enumerate(coords):
-            region = slide.read_region((int(x_l0), int(y_l0)), grid.level, read_size)
-            tiles[index] = resize_tile(region, grid.tile_px)
-        yield TileBatch(offset=offset, coords_l0=coords.copy(), tiles=tiles)
+
+    def read_tile(corner: np.ndarray) -> np.ndarray:
+        location = (int(corner[0]), int(corner[1]))
+        region = slide.read_region(location, grid.level, read_size)
+        check_not_flat(region, location, slide.display_name)
+        return resize_tile(region, grid.tile_px)
+
+    # TODO: with CUDA present, decode with cuCIM on the GPU and resize with
+    # histomet.slide.gpu.resize_tiles on cupy; only benchmarks/gpu_check.py runs
+    # that path today, and the client reads on the CPU.
+    executor = ThreadPoolExecutor(workers, "histomet-tile") if workers > 1 else None
+    try:
+        for offset in range(0, grid.n_tiles, batch_size):
+            coords = grid.coords_l0[offset : offset + batch_size]
+            tiles = np.empty((coords.shape[0], grid.tile_px, grid.tile_px, 3), np.uint8)
+            if executor is None:
+                results: Iterator[np.ndarray] = map(read_tile, coords)
+            else:
+                results = executor.map(read_tile, coords)
+            for index, tile in enumerate(results):
+                tiles[index] = tile
+            yield TileBatch(offset=offset, coords_l0=coords.copy(), tiles=tiles)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def check_not_flat(
+    region: np.ndarray, location_l0: tuple[int, int], display_name: str
+) -> None:
+    """Raise SlideReadError for a tissue tile whose pixels all have one value.
+
+    The grid keeps only tiles that the mask marks as tissue, and a scan of tissue
+    always varies. A flat tile (all black, or one colour) is what some decoders
+    return for data they failed to decode without raising, as older cuCIM
+    releases did for JPEG 2000 tiles.
+    """
+    if region.size == 0 or region.min() != region.max():
+        return
+    raise SlideReadError(
+        f"the tile at level-0 ({location_l0[0]}, {location_l0[1]}) of {display_name} "
+        f"decoded to one flat value ({int(region.flat[0])}) although the tissue mask "
+        "marks tissue there",
+        "the decoder likely failed without reporting it; try --reader openslide, "
+        "and check the file",
+    )
 
 
 def resize_tile(region: np.ndarray, tile_px: int) -> np.ndarray:
@@ -230,9 +292,11 @@ def plan_slide_tiles(
     """Find tissue on a thumbnail of ``slide`` and plan its tile grid.
 
     The thumbnail's long side is at most ``thumbnail_max_px``; the grid follows
-    :func:`plan_tiles`. An empty grid is returned, not raised.
+    :func:`plan_tiles`. An empty grid is returned, not raised. Raises
+    UnsupportedImageError for a dark-background (fluorescence) slide.
     """
     thumbnail, downsample = slide.thumbnail(thumbnail_max_px)
+    check_brightfield(thumbnail, slide.display_name)
     mask = detect_tissue(thumbnail, downsample=downsample, mpp=slide.info.mpp)
     grid = plan_tiles(
         slide.info,

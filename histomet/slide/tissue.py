@@ -5,12 +5,25 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from histomet.errors import UnsupportedImageError
+from histomet.slide.gpu import Device
+from histomet.slide.gpu import array_modules
+from histomet.slide.gpu import to_numpy
+
 _LOGGER = logging.getLogger(__name__)
+
+# Median HSV value (brightness) below which a thumbnail has a dark background.
+# Brightfield glass is bright: the shared H&E slides have medians of 0.86 to 0.95,
+# and a thumbnail fully covered by dense tissue stays above 0.5. A fluorescence or
+# dark-field scan is mostly black: the shared DAPI NDPI has a median of 0.05.
+DARK_BACKGROUND_MEDIAN_VALUE = 0.3
 
 # Fewer candidate pixels than this cannot give a meaningful Otsu threshold.
 _MIN_CANDIDATE_PX = 16
@@ -45,6 +58,7 @@ def detect_tissue(
     opening_radius_px: int = 1,
     min_component_um2: float = 50_000.0,
     min_component_fraction: float = 0.0005,
+    device: Device = "cpu",
 ) -> TissueMask:
     """Detect tissue in a uint8 RGB thumbnail taken at ``downsample`` from level 0.
 
@@ -66,6 +80,9 @@ def detect_tissue(
 
     A blank or all-white slide gives an empty mask. Coloured pen marks are
     saturated and are kept as tissue.
+
+    Steps 2 to 4 run on ``device``: with "cuda" they use cupy and cupyx's ndimage
+    on the same lines of code, and the mask returned is a numpy array.
     """
     if thumbnail_rgb.ndim != 3 or thumbnail_rgb.shape[2] != 3:
         raise ValueError(f"expected RGB [h, w, 3], got shape {thumbnail_rgb.shape}")
@@ -73,31 +90,28 @@ def detect_tissue(
         raise ValueError(f"expected uint8 pixels, got {thumbnail_rgb.dtype}")
 
     rgb, downsample = _to_analysis_scale(thumbnail_rgb, downsample, mpp, analysis_mpp)
+    xp, ndi = array_modules(device)
+    pixels = xp.asarray(rgb)
 
-    near_white = np.all(rgb > white_level, axis=2)
-    channel_max = rgb.max(axis=2).astype(np.float32)
-    channel_min = rgb.min(axis=2).astype(np.float32)
+    near_white = xp.all(pixels > white_level, axis=2)
+    channel_max = pixels.max(axis=2).astype(xp.float32)
+    channel_min = pixels.min(axis=2).astype(xp.float32)
     value = channel_max / 255.0
-    saturation = np.divide(
-        channel_max - channel_min,
-        channel_max,
-        out=np.zeros_like(channel_max),
-        where=channel_max > 0,
-    )
+    saturation = (channel_max - channel_min) / xp.maximum(channel_max, 1.0)
     dark = value < dark_value
     candidates = ~near_white & ~dark
 
     candidate_count = int(candidates.sum())
     if candidate_count < _MIN_CANDIDATE_PX:
         threshold = math.inf
-        raw = np.zeros(rgb.shape[:2], dtype=bool)
+        raw = xp.zeros(pixels.shape[:2], dtype=bool)
     else:
-        otsu = otsu_threshold(saturation[candidates])
+        otsu = otsu_threshold(saturation[candidates], xp=xp)
         threshold = min(max(otsu, min_saturation), max_saturation_threshold)
         raw = candidates & (saturation >= threshold)
 
-    mask = _close_and_open(raw, closing_radius_px, opening_radius_px)
-    mask = ndimage.binary_fill_holes(mask)
+    mask = _close_and_open(raw, closing_radius_px, opening_radius_px, xp, ndi)
+    mask = ndi.binary_fill_holes(mask)
 
     if mpp is not None:
         mask_px_um2 = (mpp * downsample) ** 2
@@ -106,7 +120,7 @@ def detect_tissue(
     else:
         min_area_px = max(1, math.ceil(min_component_fraction * mask.size))
         area_rule = f"{min_component_fraction:g} of the mask"
-    mask = remove_small_components(mask, min_area_px)
+    mask = to_numpy(remove_small_components(mask, min_area_px, xp=xp, ndi=ndi))
 
     method = (
         f"HSV saturation >= {threshold:.3f} (Otsu over {candidate_count} pixels that "
@@ -123,38 +137,60 @@ def detect_tissue(
     )
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+def check_brightfield(
+    thumbnail_rgb: np.ndarray,
+    display_name: str = "the slide",
+    max_dark_median: float = DARK_BACKGROUND_MEDIAN_VALUE,
+) -> None:
+    """Raise UnsupportedImageError when the thumbnail has a dark background.
+
+    Fluorescence and dark-field scans are stored as RGB like brightfield ones, so
+    only their content distinguishes them: the median brightness (HSV value) of the
+    whole thumbnail, transparent pixels already composited onto white.
+    """
+    value = thumbnail_rgb.max(axis=2)
+    median_value = float(np.median(value)) / 255.0
+    if median_value >= max_dark_median:
+        return
+    raise UnsupportedImageError(
+        f"{display_name} looks like a fluorescence or dark-field scan: the median "
+        f"brightness of its thumbnail is {median_value:.2f}, below "
+        f"{max_dark_median:.2f} for brightfield glass",
+        "HistoMet needs brightfield (H&E) slides; fluorescence is not supported",
+    )
+
+
+def otsu_threshold(values: Any, bins: int = 256, xp: ModuleType = np) -> float:
     """Return Otsu's threshold for values in [0, 1], from a ``bins``-bin histogram."""
-    histogram, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    histogram = histogram.astype(np.float64)
+    histogram, edges = xp.histogram(values, bins=bins, range=(0.0, 1.0))
+    histogram = histogram.astype(xp.float64)
     centers = (edges[:-1] + edges[1:]) / 2.0
 
-    weight_low = np.cumsum(histogram)
+    weight_low = xp.cumsum(histogram)
     weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(histogram * centers)
-    mean_low = np.divide(
-        sum_low, weight_low, out=np.zeros_like(sum_low), where=weight_low > 0
-    )
-    mean_high = np.divide(
-        sum_low[-1] - sum_low,
-        weight_high,
-        out=np.zeros_like(sum_low),
-        where=weight_high > 0,
+    sum_low = xp.cumsum(histogram * centers)
+    mean_low = xp.where(weight_low > 0, sum_low / xp.maximum(weight_low, 1.0), 0.0)
+    mean_high = xp.where(
+        weight_high > 0,
+        (sum_low[-1] - sum_low) / xp.maximum(weight_high, 1.0),
+        0.0,
     )
     between_variance = weight_low * weight_high * (mean_low - mean_high) ** 2
 
     # The threshold is the upper edge of the last bin of the low class.
-    best_bin = int(np.argmax(between_variance[:-1]))
+    best_bin = int(xp.argmax(between_variance[:-1]))
     return float(edges[best_bin + 1])
 
 
-def remove_small_components(mask: np.ndarray, min_area_px: int) -> np.ndarray:
+def remove_small_components(
+    mask: Any, min_area_px: int, xp: ModuleType = np, ndi: ModuleType = ndimage
+) -> Any:
     """Return ``mask`` without 8-connected components smaller than ``min_area_px``."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
+    labels, count = ndi.label(mask, structure=xp.ones((3, 3), dtype=bool))
+    if int(count) == 0:
         return mask.copy()
 
-    areas = np.bincount(labels.ravel())
+    areas = xp.bincount(labels.ravel())
     keep = areas >= min_area_px
     keep[0] = False
     return keep[labels]
@@ -179,15 +215,21 @@ def _to_analysis_scale(
 
 
 def _close_and_open(
-    mask: np.ndarray, closing_radius: int, opening_radius: int
-) -> np.ndarray:
+    mask: Any,
+    closing_radius: int,
+    opening_radius: int,
+    xp: ModuleType = np,
+    ndi: ModuleType = ndimage,
+) -> Any:
     """Apply binary closing then opening with disk elements, without edge effects."""
     pad = max(closing_radius, opening_radius, 0)
-    padded = np.pad(mask, pad, mode="constant", constant_values=False)
+    padded = xp.pad(mask, pad, mode="constant", constant_values=False)
     if closing_radius > 0:
-        padded = ndimage.binary_closing(padded, structure=_disk(closing_radius))
+        disk = xp.asarray(_disk(closing_radius))
+        padded = ndi.binary_closing(padded, structure=disk)
     if opening_radius > 0:
-        padded = ndimage.binary_opening(padded, structure=_disk(opening_radius))
+        disk = xp.asarray(_disk(opening_radius))
+        padded = ndi.binary_opening(padded, structure=disk)
     if pad == 0:
         return padded
     return padded[pad:-pad, pad:-pad]

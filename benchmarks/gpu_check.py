@@ -1,0 +1,321 @@
+"""Check and time the GPU paths; the one script to run on a GPU machine.
+
+The script is a list of named steps. Each step reports what ran, what was not
+available (no CUDA device, a package missing) and its checks and figures. On a
+machine without CUDA the CPU halves still run, and the GPU halves are reported
+as not available, so the script also runs in CI. Exit code 1 when a check fails.
+
+To add a step, write ``def my_step(report: StepReport) -> None`` and append
+``Step("my-name", my_step, budget_s)`` to ``STEPS``. The whole script must finish
+within 10 minutes on one H200, so each step has a time budget, and a step that
+starts after the total budget is spent is skipped.
+
+Usage::
+
+    python benchmarks/gpu_check.py [--json OUT] [--only NAME ...] [--budget-s S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SLIDES = ROOT.parent / "shared" / "slides"
+TOTAL_BUDGET_S = 540.0  # 9 minutes, under the 10-minute limit for the whole script
+
+
+@dataclass
+class StepReport:
+    """Outcome of one step: the parts that ran or were not available, checks, figures."""
+
+    name: str
+    status: str = "passed"  # passed, failed, not_available, skipped
+    ran: list[str] = field(default_factory=list)
+    not_available: list[str] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    figures: dict[str, float | int | str] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def record_ran(self, what: str) -> None:
+        """Note a part of the step that ran."""
+        self.ran.append(what)
+
+    def record_not_available(self, what: str, reason: str) -> None:
+        """Note a part of the step that could not run, and why."""
+        self.not_available.append(f"{what}: {reason}")
+
+    def check(self, name: str, passed: bool, detail: str) -> None:
+        """Record a check; a failed check fails the step."""
+        self.checks.append({"name": name, "passed": bool(passed), "detail": detail})
+        if not passed:
+            self.status = "failed"
+
+    def figure(self, name: str, value: float | int | str) -> None:
+        """Record a measured figure."""
+        self.figures[name] = round(value, 4) if isinstance(value, float) else value
+
+
+@dataclass(frozen=True)
+class Step:
+    """A named check with its own time budget in seconds."""
+
+    name: str
+    run: Callable[[StepReport], None]
+    budget_s: float
+
+
+# Slide step
+
+
+# CPU and GPU tiles may differ because nvJPEG and libjpeg-turbo use different
+# IDCT and chroma upsampling code.
+# NOTE: these tolerances are estimates; no GPU was available to measure them.
+DECODE_MEAN_TOLERANCE = 1.5  # grey levels, mean absolute difference
+DECODE_P999_TOLERANCE = 16  # grey levels, 99.9th percentile
+RESIZE_MAX_TOLERANCE = 2  # grey levels, against PIL's bicubic
+MASK_IOU_TOLERANCE = 0.99
+
+
+def check_slide(report: StepReport) -> None:
+    """cuCIM GPU decode against CPU decode, and the tissue mask and resize on cupy."""
+    from histomet.slide import detect_tissue
+    from histomet.slide import iter_tile_batches
+    from histomet.slide import open_slide
+    from histomet.slide import plan_slide_tiles
+    from histomet.slide.gpu import cuda_unavailable_reason
+    from histomet.slide.gpu import resize_tiles
+
+    path = SHARED_SLIDES / "CMU-1-Small-Region.svs"
+    with open_slide(path) as slide:
+        thumbnail, downsample = slide.thumbnail(2048)
+        mpp = slide.info.mpp
+        _, grid = plan_slide_tiles(
+            slide, tile_px=512, target_mpp=0.5, min_tissue_fraction=0.0
+        )
+        started = time.perf_counter()
+        cpu_tiles = np.concatenate(
+            [batch.tiles for batch in iter_tile_batches(slide, grid, 16)]
+        )
+        cpu_read_s = time.perf_counter() - started
+        reader = slide.info.reader
+    report.record_ran(f"CPU tile reads ({reader}, {grid.n_tiles} tiles)")
+    report.figure("cpu_tiles_per_s", grid.n_tiles / cpu_read_s)
+
+    started = time.perf_counter()
+    cpu_mask = detect_tissue(thumbnail, downsample=downsample, mpp=mpp)
+    report.figure("cpu_tissue_mask_s", time.perf_counter() - started)
+    report.record_ran("CPU tissue mask")
+
+    started = time.perf_counter()
+    cpu_resized = resize_tiles(cpu_tiles, 224)
+    report.figure("cpu_resize_512_to_224_s", time.perf_counter() - started)
+    pil_resized = _pil_resize(cpu_tiles[:4], 224)
+    difference = np.abs(cpu_resized[:4].astype(int) - pil_resized.astype(int)).max()
+    report.check(
+        "numpy resize matches PIL bicubic",
+        difference <= RESIZE_MAX_TOLERANCE,
+        f"max difference {difference} (tolerance {RESIZE_MAX_TOLERANCE})",
+    )
+    report.record_ran("CPU resize (the code the GPU path runs, on numpy)")
+
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        for part in ("cuCIM GPU decode", "cupy tissue mask", "cupy resize"):
+            report.record_not_available(part, reason)
+        report.status = "not_available" if report.status == "passed" else report.status
+        return
+
+    import cupy
+
+    _check_gpu_decode(report, path, grid, cpu_tiles)
+
+    started = time.perf_counter()
+    gpu_mask = detect_tissue(thumbnail, downsample=downsample, mpp=mpp, device="cuda")
+    cupy.cuda.Device().synchronize()
+    report.figure("gpu_tissue_mask_s", time.perf_counter() - started)
+    union = np.logical_or(gpu_mask.mask, cpu_mask.mask).sum()
+    iou = np.logical_and(gpu_mask.mask, cpu_mask.mask).sum() / max(1, union)
+    report.check(
+        "cupy tissue mask matches CPU",
+        iou >= MASK_IOU_TOLERANCE,
+        f"IoU {iou:.4f} (tolerance {MASK_IOU_TOLERANCE})",
+    )
+    report.record_ran("cupy tissue mask")
+
+    gpu_input = cupy.asarray(cpu_tiles)
+    resize_tiles(gpu_input[:1], 224, xp=cupy)  # compile the kernels once
+    cupy.cuda.Device().synchronize()
+    started = time.perf_counter()
+    gpu_resized = resize_tiles(gpu_input, 224, xp=cupy)
+    cupy.cuda.Device().synchronize()
+    report.figure("gpu_resize_512_to_224_s", time.perf_counter() - started)
+    difference = np.abs(gpu_resized.get().astype(int) - cpu_resized.astype(int)).max()
+    report.check(
+        "cupy resize matches numpy resize",
+        difference <= 1,
+        f"max difference {difference} (tolerance 1)",
+    )
+    report.record_ran("cupy resize")
+
+
+def _check_gpu_decode(
+    report: StepReport, path: Path, grid, cpu_tiles: np.ndarray
+) -> None:
+    """Decode the grid's tiles with cuCIM on the GPU and compare them with the CPU's."""
+    import cupy
+    from cucim import CuImage
+
+    image = CuImage(str(path))
+    size = (grid.read_px, grid.read_px)
+    locations = [(int(x), int(y)) for x, y in grid.coords_l0.tolist()]
+
+    # The first read loads nvJPEG; time the second pass only.
+    try:
+        image.read_region(locations[0], size, grid.level, device="cuda")
+    except Exception as error:  # noqa: BLE001 - cuCIM raises several types
+        report.record_not_available(
+            "cuCIM GPU decode", f"{type(error).__name__}: {error}"
+        )
+        return
+
+    started = time.perf_counter()
+    gpu_tiles = []
+    for location in locations:
+        region = image.read_region(location, size, grid.level, device="cuda")
+        gpu_tiles.append(cupy.asarray(region)[..., :3])
+    cupy.cuda.Device().synchronize()
+    elapsed = time.perf_counter() - started
+    report.figure("gpu_tiles_per_s", len(locations) / elapsed)
+    report.figure(
+        "gpu_vs_cpu_decode",
+        report.figures["gpu_tiles_per_s"] / report.figures["cpu_tiles_per_s"],
+    )
+
+    # Edge tiles are padded by the reader on the CPU path only; compare inner ones.
+    width, height = image.resolutions["level_dimensions"][grid.level]
+    inner = [
+        index
+        for index, (x, y) in enumerate(locations)
+        if x + grid.read_px <= width and y + grid.read_px <= height
+    ]
+    gpu = np.stack([gpu_tiles[index].get() for index in inner]).astype(int)
+    difference = np.abs(gpu - cpu_tiles[inner].astype(int))
+    mean = float(difference.mean())
+    p999 = float(np.percentile(difference, 99.9))
+    report.check(
+        "cuCIM GPU tiles match CPU tiles",
+        mean <= DECODE_MEAN_TOLERANCE and p999 <= DECODE_P999_TOLERANCE,
+        f"{len(inner)} tiles: mean difference {mean:.3f} (tolerance "
+        f"{DECODE_MEAN_TOLERANCE}), 99.9th percentile {p999:.1f} (tolerance "
+        f"{DECODE_P999_TOLERANCE})",
+    )
+    report.record_ran(f"cuCIM GPU decode ({len(locations)} tiles)")
+
+
+def _pil_resize(tiles: np.ndarray, out_px: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(tile).resize((out_px, out_px), Image.Resampling.BICUBIC)
+            )
+            for tile in tiles
+        ]
+    )
+
+
+STEPS: list[Step] = [
+    Step("slide", check_slide, budget_s=120.0),
+]
+
+
+def run_steps(steps: list[Step], total_budget_s: float) -> list[StepReport]:
+    """Run the steps in order within the total budget and return their reports."""
+    deadline = time.monotonic() + total_budget_s
+    reports = []
+    for step in steps:
+        report = StepReport(name=step.name)
+        if time.monotonic() + step.budget_s > deadline:
+            report.status = "skipped"
+            report.error = (
+                f"not started: its {step.budget_s:g} s budget exceeds the time left"
+            )
+            reports.append(report)
+            continue
+        started = time.monotonic()
+        try:
+            step.run(report)
+        except Exception as error:  # noqa: BLE001 - one failing step must not stop the rest
+            report.status = "failed"
+            report.error = f"{type(error).__name__}: {error}"
+            report.ran.append(
+                "traceback: " + traceback.format_exc(limit=3).replace("\n", " | ")
+            )
+        report.seconds = round(time.monotonic() - started, 3)
+        if report.seconds > step.budget_s:
+            report.check(
+                "within time budget",
+                False,
+                f"took {report.seconds:.1f} s, budget {step.budget_s:g} s",
+            )
+        reports.append(report)
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the reports as JSON here")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run only these steps (default: all)"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=TOTAL_BUDGET_S,
+        help=f"total time budget in seconds (default: {TOTAL_BUDGET_S:g})",
+    )
+    args = parser.parse_args(argv)
+
+    names = [step.name for step in STEPS]
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        parser.error(
+            f"unknown step {', '.join(unknown)}: expected one of {', '.join(names)}"
+        )
+    steps = [step for step in STEPS if args.only is None or step.name in args.only]
+
+    reports = run_steps(steps, args.budget_s)
+    for report in reports:
+        print(f"[{report.status}] {report.name} ({report.seconds:.1f} s)")
+        for line in report.ran:
+            print(f"    ran: {line}")
+        for line in report.not_available:
+            print(f"    not available: {line}")
+        for check in report.checks:
+            mark = "ok" if check["passed"] else "FAILED"
+            print(f"    check {mark}: {check['name']}: {check['detail']}")
+        for name, value in report.figures.items():
+            print(f"    {name}: {value}")
+        if report.error:
+            print(f"    error: {report.error}")
+
+    if args.json is not None:
+        payload = {"steps": [report.__dict__ for report in reports]}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 1 if any(report.status == "failed" for report in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
