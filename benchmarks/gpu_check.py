@@ -236,8 +236,209 @@ def _pil_resize(tiles: np.ndarray, out_px: int) -> np.ndarray:
     )
 
 
+# Encoder step
+
+# FP16 engines and the float32 CPU graph differ by rounding; directions must agree.
+ENCODER_COSINE_TOLERANCE = 0.999
+ENCODER_BATCH = 32
+ENCODER_GFLOP_PER_TILE = 157.0  # ViT-B/16 at 448 px, see docs/benchmarks.md
+
+
+def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    dots = (a * b).sum(axis=1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float((dots / np.maximum(norms, 1e-12)).min())
+
+
+def _time_runs(run: Callable[[], object], repeats: int = 3) -> float:
+    run()  # warm-up: kernel selection, engine build or cache load
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - started) / repeats
+
+
+def check_encoder(report: StepReport) -> None:
+    """The full-size encoder on the GPU: torch eager, ONNX Runtime CUDA and TensorRT.
+
+    Exports the demo ViT-B/16 to ONNX, then times each runtime that is present
+    on the same tiles against torch eager and checks its embeddings against
+    ONNX Runtime on the CPU. Also measures the bf16 matrix rate, to give the
+    encoder's share of it, and builds the trtexec plan when trtexec is present.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    import onnxruntime as ort
+    import torch
+
+    from histomet.export.demo import demo_encoder_config
+    from histomet.export.gpu import GpuServingOptions
+    from histomet.export.gpu import trtexec_command
+    from histomet.export.onnx import export_encoder
+    from histomet.models.encoder import build_demo_encoder
+
+    providers = ort.get_available_providers()
+    gpu_providers = [
+        p
+        for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        if p in providers
+    ]
+    trtexec = shutil.which("trtexec")
+    if not torch.cuda.is_available() and not gpu_providers and trtexec is None:
+        for part in (
+            "torch eager on CUDA",
+            "bf16 matrix rate",
+            "onnxruntime_cuda",
+            "onnxruntime_tensorrt_fp16",
+            "trtexec plan build",
+        ):
+            report.record_not_available(
+                part,
+                "no CUDA device for torch, no GPU provider in onnxruntime "
+                f"({', '.join(providers)}) and no trtexec",
+            )
+        report.status = "not_available"
+        return
+
+    config = demo_encoder_config("full")
+    encoder = build_demo_encoder(config, seed=0).eval()
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (ENCODER_BATCH, 512, 512, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-encoder-") as folder:
+        onnx_path = Path(folder) / "patch_encoder.onnx"
+        export_encoder(encoder, onnx_path, verify_batch_sizes=(1,))
+        report.record_ran("export of the full demo encoder to ONNX")
+        cpu = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        reference = cpu.run(["projected"], {"tiles": tiles[:4]})[0]
+
+        if not torch.cuda.is_available():
+            report.record_not_available(
+                "torch eager on CUDA", "torch sees no CUDA device"
+            )
+            report.record_not_available("bf16 matrix rate", "no CUDA device")
+        else:
+            device = torch.device("cuda")
+            size = 8192
+            left = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+            right = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+
+            def matmul() -> None:
+                torch.matmul(left, right)
+                torch.cuda.synchronize()
+
+            seconds = _time_runs(matmul, repeats=10)
+            rate = 2 * size**3 / seconds / 1e12
+            report.figure("bf16_matmul_tflops", rate)
+            gpu_encoder = encoder.to(device)
+            batch = torch.from_numpy(tiles).to(device)
+
+            def eager() -> None:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    gpu_encoder(batch)
+                torch.cuda.synchronize()
+
+            eager_tps = ENCODER_BATCH / _time_runs(eager)
+            report.figure("torch_bf16_tiles_per_s", eager_tps)
+            report.figure(
+                "torch_bf16_share_of_matmul_rate",
+                eager_tps * ENCODER_GFLOP_PER_TILE / 1e3 / rate,
+            )
+            report.record_ran("torch eager bf16 autocast on CUDA")
+
+        options = GpuServingOptions()
+        profile = options.batch_profile.shapes({"tiles": [512, 512, 3]})
+        for name, provider, provider_options in (
+            ("onnxruntime_cuda", "CUDAExecutionProvider", {}),
+            (
+                "onnxruntime_tensorrt_fp16",
+                "TensorrtExecutionProvider",
+                {
+                    "trt_fp16_enable": True,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": folder,
+                    "trt_profile_min_shapes": profile["min"],
+                    "trt_profile_opt_shapes": profile["opt"],
+                    "trt_profile_max_shapes": profile["max"],
+                },
+            ),
+        ):
+            if provider not in providers:
+                report.record_not_available(
+                    name, f"{provider} not in this onnxruntime build ({providers})"
+                )
+                continue
+            session = ort.InferenceSession(
+                str(onnx_path),
+                providers=[(provider, provider_options), "CPUExecutionProvider"],
+            )
+            started = time.perf_counter()
+            outputs = session.run(["projected"], {"tiles": tiles[:4]})[0]
+            report.figure(f"{name}_first_run_s", time.perf_counter() - started)
+            cosine = _cosine_min(outputs, reference)
+            report.check(
+                f"{name} matches ONNX Runtime on the CPU",
+                cosine >= ENCODER_COSINE_TOLERANCE,
+                f"min cosine {cosine:.5f} (tolerance {ENCODER_COSINE_TOLERANCE})",
+            )
+            seconds = _time_runs(lambda s=session: s.run(None, {"tiles": tiles}))
+            report.figure(f"{name}_tiles_per_s", ENCODER_BATCH / seconds)
+            report.record_ran(name)
+
+        if trtexec is None:
+            report.record_not_available("trtexec plan build", "trtexec is not on PATH")
+        else:
+            plan = Path(folder) / "model.plan"
+            command = trtexec_command(str(onnx_path), str(plan), 512, options)
+            started = time.perf_counter()
+            completed = subprocess.run(
+                command, capture_output=True, text=True, timeout=300
+            )
+            report.figure("trtexec_build_s", time.perf_counter() - started)
+            report.check(
+                "trtexec builds the encoder plan over the batch profile",
+                completed.returncode == 0 and plan.is_file(),
+                f"exit code {completed.returncode}: "
+                + (completed.stderr or completed.stdout)[-300:].replace("\n", " "),
+            )
+            report.record_ran("trtexec plan build: " + " ".join(command[1:]))
+            if completed.returncode == 0 and torch.cuda.is_available():
+                import re
+
+                from histomet.export.gpu import PlanTags
+                from histomet.export.gpu import check_plan_tags
+                from histomet.export.gpu import write_plan_tags
+                from histomet.export.repository import sha256_file
+
+                found = re.search(r"TensorRT version: ([0-9.]+)", completed.stdout)
+                major, minor = torch.cuda.get_device_capability()
+                profile_range = options.batch_profile
+                tags = PlanTags(
+                    tensorrt_version=found.group(1) if found else "unknown",
+                    compute_capability=f"{major}.{minor}",
+                    onnx_sha256=sha256_file(onnx_path),
+                    precision="FP16" if options.fp16 else "FP32",
+                    profile_min=profile_range.min,
+                    profile_opt=profile_range.opt,
+                    profile_max=profile_range.max,
+                )
+                check_plan_tags(
+                    write_plan_tags(plan, tags),
+                    tensorrt_version=tags.tensorrt_version,
+                    compute_capability=tags.compute_capability,
+                    onnx_sha256=tags.onnx_sha256,
+                )
+                report.figure("trtexec_tensorrt_version", tags.tensorrt_version)
+                report.figure("compute_capability", tags.compute_capability)
+
+
 STEPS: list[Step] = [
     Step("slide", check_slide, budget_s=120.0),
+    # The export of the full encoder and one TensorRT build take most of this.
+    Step("encoder", check_encoder, budget_s=360.0),
 ]
 
 
