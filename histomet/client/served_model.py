@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -31,10 +32,45 @@ class ServedModel:
     server_version: str
 
 
-def connect(url: str, timeout_s: float = 10.0) -> grpcclient.InferenceServerClient:
-    """Open a gRPC client and check that the server is live and ready."""
+@dataclass(frozen=True)
+class TlsSettings:
+    """PEM files for a gRPC connection over TLS.
+
+    ``root_cert`` is the CA that signed the server's certificate. Give
+    ``client_cert`` and ``client_key`` together when the server requires mutual
+    TLS.
+    """
+
+    root_cert: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+def _pem_path(path: Path | None, what: str) -> str | None:
+    """Return the path as tritonclient takes it, which reads the file itself."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ServerUnavailableError(
+            f"{what} file not found: {path}", "give the path of a PEM file"
+        )
+    return str(path)
+
+
+def connect(
+    url: str, timeout_s: float = 10.0, tls: TlsSettings | None = None
+) -> grpcclient.InferenceServerClient:
+    """Open a gRPC client, over TLS when ``tls`` is given, and check the server is ready."""
+    ssl_options = {}
+    if tls is not None:
+        ssl_options = {
+            "ssl": True,
+            "root_certificates": _pem_path(tls.root_cert, "TLS root certificate"),
+            "private_key": _pem_path(tls.client_key, "TLS client key"),
+            "certificate_chain": _pem_path(tls.client_cert, "TLS client certificate"),
+        }
     try:
-        client = grpcclient.InferenceServerClient(url=url)
+        client = grpcclient.InferenceServerClient(url=url, **ssl_options)
         live = client.is_server_live(client_timeout=timeout_s)
         ready = client.is_server_ready(client_timeout=timeout_s)
     except InferenceServerException as error:
