@@ -225,12 +225,24 @@ def _check_same_model(
 
 
 def _score_once(
-    slide: Slide, options: PredictOptions, plans: dict, check_decode
+    slide: Slide, options: PredictOptions, plans: dict, check_decode, attempt: int
 ) -> _Scored:
-    """Connect, read the model, plan and stream the slide, and check the model held."""
+    """Connect, read the model, plan and stream the slide, and check the model held.
+
+    On a retry, a model that is not ready or mixes two exports is taken to be
+    in the middle of a reload, and the attempt fails as retryable.
+    """
     step = time.perf_counter()
     client = connect(options.url, tls=options.tls)
-    served = describe(client, options.model)
+    try:
+        served = describe(client, options.model)
+    except ModelConfigError as error:
+        if attempt == 1:
+            raise
+        raise ModelVersionChangedError(
+            f"model {options.model!r} is not consistent yet ({error.message})",
+            error.hint,
+        ) from error
     connect_s = time.perf_counter() - step
     mask, grid, tissue_s = _plan(slide, served.spec, plans)
     check_decode()
@@ -269,7 +281,7 @@ def _score_with_retries(
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            return _score_once(slide, options, plans, check_decode), attempt
+            return _score_once(slide, options, plans, check_decode, attempt), attempt
         except _RETRYABLE as error:
             if attempt == 1 and isinstance(error, ServerUnavailableError):
                 # Never reached: a wrong --url or a stopped server fails at once.
