@@ -394,3 +394,61 @@ def test_repository_reload_mid_slide_retried_on_new_version(tiny_export, tmp_pat
     # Same weights under a new manifest: the retried slide scores as before.
     assert run.result["risk"] == old["risk"]
     assert run.result["top_tiles"] == old["top_tiles"]
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_batch_survives_a_crashed_slide_worker(slow_repository, tmp_path):
+    """A worker killed by SIGSEGV mid-slide, as a native reader crash would end it.
+
+    No input file crashes the readers on demand, so the signal is sent from
+    here; the worker dies from it exactly as from a crash in native code.
+    """
+    import json
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(4):
+        (folder / f"s{index}.svs").symlink_to(CMU_SMALL)
+    results = tmp_path / "out.jsonl"
+    with LocalTritonServer(loopback_config(slow_repository)) as server:
+        process = subprocess.Popen(
+            [str(CLIENT), "predict", str(folder), "--url", server.grpc_url]
+            + ["--results", str(results), "--batch-size", "2", "--retries", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HISTOMET_SLIDE_ID_KEY": "k"},
+        )
+        wait_for(lambda: results.exists() and results.read_text(), timeout_s=120)
+        wait_for(lambda: active_sequences(server) >= 1, timeout_s=60)
+        # The other child is multiprocessing's resource tracker.
+        workers = [
+            pid
+            for pid in child_pids(process.pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        for pid in workers:
+            os.kill(pid, signal.SIGSEGV)
+        stdout, stderr = process.communicate(timeout=180)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+
+    assert len(workers) == 1
+    assert process.returncode == 3, stderr
+    assert [row["input_row"] for row in rows] == [0, 1, 2, 3]
+    crashed = [row for row in rows if row["status"] == "error"]
+    assert len(crashed) == 1
+    assert crashed[0]["error"]["kind"] == "WorkerCrashedError"
+    assert "crashed (signal SIGSEGV)" in crashed[0]["error"]["message"]
+    assert [row["status"] for row in rows].count("ok") == 3
+    assert "4 slides: 3 predicted, 0 without tissue, 1 failed" in stdout

@@ -42,9 +42,12 @@ from pathlib import Path
 from typing import TextIO
 
 from histomet.client import identity
+from histomet.client.native_output import redact
 from histomet.client.predict import RESULT_SCHEMA
 from histomet.client.predict import PredictOptions
 from histomet.client.predict import predict_slide
+from histomet.client.worker import SlideWorker
+from histomet.client.worker import WorkerReportedError
 from histomet.errors import HistometError
 from histomet.errors import ServerUnavailableError
 from histomet.errors import UsageError
@@ -342,7 +345,7 @@ def _describe(row: dict) -> str:
 
 
 def _error_row(
-    item: SlideInput, key: bytes, error: Exception, redact: Callable
+    item: SlideInput, key: bytes, error: Exception, secrets: tuple[str, ...]
 ) -> dict:
     slide_id = None
     try:
@@ -350,7 +353,10 @@ def _error_row(
             slide_id = identity.slide_id(item.path, key)
     except OSError:
         pass
-    if isinstance(error, HistometError):
+    if isinstance(error, WorkerReportedError):
+        kind = error.kind
+        exit_code = error.exit_code
+    elif isinstance(error, HistometError):
         kind = type(error).__name__
         exit_code = error.exit_code
     else:
@@ -363,7 +369,7 @@ def _error_row(
         "error": {
             "kind": kind,
             "exit_code": exit_code,
-            "message": " ".join(redact(str(error)).split()),
+            "message": " ".join(redact(str(error), secrets).split()),
         },
     }
 
@@ -377,24 +383,26 @@ class BatchOptions:
     progress: str = "auto"
     # Stop after this many slides in a row could not reach the server.
     max_consecutive_server_failures: int = 3
+    # Predict in a worker process, so a native crash fails one slide only.
+    isolate: bool = True
 
 
-def _no_redaction(_path: Path) -> Callable[[str], str]:
-    return lambda text: text
+def _no_names(_path: Path) -> tuple[str, ...]:
+    return ()
 
 
 def run_batch(
     inputs: list[SlideInput],
     predict: PredictOptions,
     options: BatchOptions,
-    hide_names: Callable[[Path], Callable[[str], str]] = _no_redaction,
+    hide_names: Callable[[Path], tuple[str, ...]] = _no_names,
     summary_stream: TextIO | None = None,
 ) -> BatchSummary:
     """Predict the shard's slides in order, one results line each, and return counts.
 
     ``hide_names(path)`` is called before each slide. It makes the caller's log
-    and output filters hide that slide's names and returns the function that
-    removes them from an error message.
+    and output filters hide that slide's names and returns those names, which
+    error messages must not show.
 
     ``KeyboardInterrupt`` and other ``BaseException`` stop the run after the
     current slide's clean-up; every line written before stays, and the summary
@@ -410,6 +418,7 @@ def run_batch(
         )
     summary = BatchSummary(total=len(selected))
     writer = ResultsWriter(options.results)
+    worker = SlideWorker() if options.isolate else None
     progress = Progress(summary.total, options.progress)
     consecutive_server_failures = 0
     if summary_stream is None:
@@ -421,7 +430,8 @@ def run_batch(
                 summary.skipped += 1
                 progress.update(summary, None)
                 continue
-            row = _predict_row(item, predict_options, hide_names(item.path))
+            secrets = hide_names(item.path)
+            row = _predict_row(item, predict_options, secrets, worker)
             row = {"input_key": key_of_input, "input_row": item.row, **row}
             writer.append(row)
             summary.outcomes[row["status"]] += 1
@@ -446,25 +456,36 @@ def run_batch(
         summary.interrupted = True
         raise
     finally:
+        if worker is not None:
+            worker.close()
         progress.close()
         writer.close()
         print(summary.line(options.results), file=summary_stream, flush=True)
     return summary
 
 
-def _predict_row(item: SlideInput, options: PredictOptions, redact: Callable) -> dict:
+def _predict_row(
+    item: SlideInput,
+    options: PredictOptions,
+    secrets: tuple[str, ...],
+    worker: SlideWorker | None,
+) -> dict:
     """Predict one slide and return its results line; any ``Exception`` becomes a row."""
     key = options.slide_id_key or b""
     try:
+        if worker is not None:
+            return worker.predict(item.path, options, secrets)
         return predict_slide(item.path, options)
     except HistometError as error:
-        _LOGGER.info("slide at input row %d failed: %s", item.row, redact(str(error)))
-        return _error_row(item, key, error, redact)
+        _LOGGER.info(
+            "slide at input row %d failed: %s", item.row, redact(str(error), secrets)
+        )
+        return _error_row(item, key, error, secrets)
     except Exception as error:  # noqa: BLE001 - one bad slide must not stop the run
         _LOGGER.warning(
             "slide at input row %d failed unexpectedly: %s: %s",
             item.row,
             type(error).__name__,
-            redact(str(error)),
+            redact(str(error), secrets),
         )
-        return _error_row(item, key, error, redact)
+        return _error_row(item, key, error, secrets)

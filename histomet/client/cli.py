@@ -233,6 +233,12 @@ def _add_batch_arguments(predict: argparse.ArgumentParser) -> None:
         "one line per slide)",
     )
     predict.add_argument(
+        "--in-process",
+        action="store_true",
+        help="predict batch slides in this process instead of a worker process; "
+        "a native crash in a slide reader then ends the whole run",
+    )
+    predict.add_argument(
         "--max-server-failures",
         type=_non_negative_int,
         default=3,
@@ -531,6 +537,7 @@ def _predict_batch(args: argparse.Namespace, options) -> int:
         shard=args.shard or (0, 1),
         progress="none" if args.quiet else args.progress,
         max_consecutive_server_failures=args.max_server_failures,
+        isolate=not args.in_process,
     )
     with NativeOutputMonitor(()) as monitor:
         redacting = [
@@ -540,14 +547,14 @@ def _predict_batch(args: argparse.Namespace, options) -> int:
             if isinstance(f, RedactingFilter)
         ]
 
-        def hide_names(path: Path):
+        def hide_names(path: Path) -> tuple[str, ...]:
             secrets = () if args.show_paths else _path_secrets(path)
             monitor.secrets = secrets
             for handler in redacting:
                 for log_filter in handler.filters:
                     if isinstance(log_filter, RedactingFilter):
                         log_filter.secrets = secrets
-            return lambda text: redact(text, secrets)
+            return secrets
 
         summary = run_batch(inputs, options, batch_options, hide_names)
     return summary.exit_code()
