@@ -412,7 +412,7 @@ def test_batch_survives_a_crashed_slide_worker(slow_repository, tmp_path):
     """A worker killed by SIGSEGV mid-slide, as a native reader crash would end it.
 
     No input file crashes the readers on demand, so the signal is sent from
-    here; the worker dies from it exactly as from a crash in native code.
+    here. The worker dies from it exactly as from a crash in native code.
     """
     import json
 

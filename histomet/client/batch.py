@@ -4,7 +4,7 @@ Inputs, in order: the positional arguments, then the rows of ``--manifest``.
 A file is one slide. A folder that directly contains ``.dcm`` files is one
 DICOM WSI slide. Any other folder is scanned recursively, in sorted path order,
 for files with a slide suffix (``SLIDE_SUFFIXES``) and for DICOM WSI
-subfolders; hidden files and folders are skipped. The manifest is a CSV file
+subfolders. Hidden files and folders are skipped. The manifest is a CSV file
 with a ``path`` column, whose relative paths are relative to the CSV's folder.
 Each slide gets an input row number: its 0-based position in this expanded
 list. ``--shard INDEX/COUNT`` keeps the slides whose row number modulo COUNT is
@@ -405,7 +405,7 @@ def run_batch(
     error messages must not show.
 
     ``KeyboardInterrupt`` and other ``BaseException`` stop the run after the
-    current slide's clean-up; every line written before stays, and the summary
+    current slide's clean-up. Every line written before stays, and the summary
     is printed before the exception propagates.
     """
     key = predict.slide_id_key or identity.load_key()

@@ -540,20 +540,18 @@ def _predict_batch(args: argparse.Namespace, options) -> int:
         isolate=not args.in_process,
     )
     with NativeOutputMonitor(()) as monitor:
-        redacting = [
-            h
-            for h in logging.getLogger().handlers
-            for f in h.filters
-            if isinstance(f, RedactingFilter)
-        ]
+        log_filters = []
+        for handler in logging.getLogger().handlers:
+            for log_filter in handler.filters:
+                if isinstance(log_filter, RedactingFilter):
+                    log_filters.append(log_filter)
 
         def hide_names(path: Path) -> tuple[str, ...]:
+            """Point the log and output filters at the names of the next slide."""
             secrets = () if args.show_paths else _path_secrets(path)
             monitor.secrets = secrets
-            for handler in redacting:
-                for log_filter in handler.filters:
-                    if isinstance(log_filter, RedactingFilter):
-                        log_filter.secrets = secrets
+            for log_filter in log_filters:
+                log_filter.secrets = secrets
             return secrets
 
         summary = run_batch(inputs, options, batch_options, hide_names)

@@ -6,9 +6,9 @@ hash of the file size and sampled content (see ``histomet.client.identity``).
 
 A slide is scored by one model version from its first request to its last. The
 client reads the ensemble's version and manifest digest before the stream and
-again after it, and a change in between, a server that went away or a lost
-sequence state sends the whole slide again as a new sequence, with bounded
-retries and exponential backoff with jitter. A deadline is not retried.
+again after it. A change in between, a server that went away or lost sequence
+state sends the whole slide again as a new sequence. Retries are bounded, with
+exponential backoff and jitter. A deadline is not retried.
 """
 
 from __future__ import annotations

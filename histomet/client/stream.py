@@ -270,7 +270,7 @@ def stream_slide(
         reader.stop()
         client.stop_stream(cancel_requests=True)
         if sent:
-            # After a deadline the server still holds the slide's requests, so
+            # After a deadline the server still has the slide's requests, so
             # the abort queues behind them; waiting for it would outlast the
             # deadline.
             wait = not isinstance(error, DeadlineExceededError)

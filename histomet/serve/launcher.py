@@ -13,7 +13,7 @@ says otherwise. ``ServerConfig.tls`` serves gRPC over TLS (mutual TLS when a
 client CA is given). With an admin key (``ServerConfig.admin_key``, by default
 from ``HISTOMET_TRITON_ADMIN_KEY``), the endpoints that change the server
 (model load and unload, the repository index, shared-memory registration,
-trace and log settings) answer only requests that carry the key: the header
+trace and log settings) accept only requests that carry the key: the header
 ``admin-key: KEY`` over HTTP, and ``triton-grpc-protocol-admin-key: KEY`` over
 gRPC, where Triton 2.51 adds that prefix (``grpc_admin_headers``; flags
 ``--http-restricted-api`` and ``--grpc-restricted-protocol``); inference, health, metadata and
@@ -96,7 +96,7 @@ class ServerConfig:
     load_models: tuple[str, ...] = ("*",)
     tls: TlsFiles | None = None
     # NOTE: Triton takes the key only on its command line, so other users of
-    # this host can read it from /proc; run the server as its own user.
+    # this host can read it from /proc. Run the server as its own user.
     admin_key: str | None = field(default_factory=_admin_key_from_environment)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
