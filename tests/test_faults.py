@@ -452,3 +452,33 @@ def test_batch_survives_a_crashed_slide_worker(slow_repository, tmp_path):
     assert "crashed (signal SIGSEGV)" in crashed[0]["error"]["message"]
     assert [row["status"] for row in rows].count("ok") == 3
     assert "4 slides: 3 predicted, 0 without tissue, 1 failed" in stdout
+
+
+def test_queue_timeout_told_apart_from_deadline(tiny_export, tmp_path):
+    """A 1 µs queue policy on the encoder: Triton drops requests while they wait."""
+    repository = write_test_repository(tmp_path, tiny_export)
+    config = repository / spec.ENCODER_MODEL / "config.pbtxt"
+    text = config.read_text()
+    assert "dynamic_batching {" in text
+    config.write_text(
+        text.replace(
+            "dynamic_batching {",
+            "dynamic_batching {\n  default_queue_policy {\n    timeout_action: REJECT"
+            "\n    default_timeout_microseconds: 1\n  }",
+            1,
+        )
+    )
+    from histomet.client.stream import QueueTimeoutError
+
+    with LocalTritonServer(loopback_config(repository)) as server:
+        with pytest.raises(QueueTimeoutError) as raised:
+            predict_slide(
+                CMU_SMALL,
+                PredictOptions(
+                    url=server.grpc_url, batch_size=2, retries=0, slide_id_key=KEY
+                ),
+            )
+
+    assert "server queue timeout" in str(raised.value)
+    assert "deadline" not in str(raised.value)
+    assert raised.value.exit_code == 4

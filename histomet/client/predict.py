@@ -32,6 +32,7 @@ from histomet.client.served_model import connect
 from histomet.client.served_model import describe
 from histomet.client.served_model import TlsSettings
 from histomet.client.stream import DeadlineExceededError
+from histomet.client.stream import QueueTimeoutError
 from histomet.client.stream import ServerBusyError
 from histomet.client.stream import StreamFailedError
 from histomet.client.stream import StreamResult
@@ -286,7 +287,11 @@ def _score_with_retries(
             if attempt == 1 and isinstance(error, ServerUnavailableError):
                 # Never reached: a wrong --url or a stopped server fails at once.
                 raise
-            kind = "busy" if isinstance(error, ServerBusyError) else "retryable"
+            kind = "retryable"
+            if isinstance(error, ServerBusyError):
+                kind = "busy"
+            elif isinstance(error, QueueTimeoutError):
+                kind = "queue_timeout"
             metrics.ERRORS.labels(kind=kind).inc()
             if attempt == attempts:
                 raise type(error)(

@@ -34,6 +34,9 @@ _LOGGER = logging.getLogger(__name__)
 _DONE = object()
 # Prefix of the error a MIL model returns when its sequence cap is reached.
 _BUSY_PREFIX = "server busy"
+# Triton's error for a request that waited in a dynamic batcher's queue past
+# the model's queue-policy timeout (Triton 2.51).
+_QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
 
 
 class StreamFailedError(InferenceError):
@@ -49,6 +52,14 @@ class StreamFailedError(InferenceError):
 
 class ServerBusyError(StreamFailedError):
     """The server rejected the slide because its sequence cap was reached."""
+
+
+class QueueTimeoutError(StreamFailedError):
+    """The server dropped a request whose wait in its queue passed its timeout.
+
+    Unlike a client deadline, the server did no work on it, so a retry after a
+    backoff adds no duplicate work.
+    """
 
 
 class DeadlineExceededError(InferenceError):
@@ -211,6 +222,14 @@ def stream_slide(
                 raise ServerBusyError(
                     f"model {model!r} rejected sequence {sequence_id}: {message}",
                     "no prediction was made; retry when fewer slides are in progress",
+                )
+            if _QUEUE_TIMEOUT_MESSAGE in message:
+                raise QueueTimeoutError(
+                    f"server queue timeout: model {model!r} dropped a request of "
+                    f"sequence {sequence_id} that waited past its queue policy "
+                    f"({message})",
+                    "no prediction was made; the server is overloaded, retry later "
+                    "or raise the model's default_timeout_microseconds",
                 )
             raise StreamFailedError(
                 f"model {model!r} failed a request of sequence {sequence_id}: "
