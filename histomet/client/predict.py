@@ -293,6 +293,8 @@ def _score_with_retries(
             elif isinstance(error, QueueTimeoutError):
                 kind = "queue_timeout"
             metrics.ERRORS.labels(kind=kind).inc()
+            if attempts == 1:
+                raise
             if attempt == attempts:
                 raise type(error)(
                     f"gave up after {attempts} attempts: {error.message}", error.hint
