@@ -26,6 +26,7 @@ predicted again.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -409,7 +410,7 @@ def run_batch(
     is printed before the exception propagates.
     """
     key = predict.slide_id_key or identity.load_key()
-    predict_options = PredictOptions(**{**predict.__dict__, "slide_id_key": key})
+    predict_options = dataclasses.replace(predict, slide_id_key=key)
     selected = select_shard(inputs, *options.shard)
     finished, unreadable = finished_keys(options.results)
     if unreadable:
