@@ -291,6 +291,13 @@ def render(
     lines += ["| outcome | detail | cases |", "|---|---|---|"]
     for (outcome, detail), count in details.most_common(25):
         lines.append(f"| {outcome} | {detail.replace('|', '/')} | {count} |")
+    lines += [
+        "",
+        "An unexpected exception is a reader defect. In a batch run it becomes "
+        "that slide's error line (kind `unexpected TypeError` and so on) and the "
+        "run goes on. A crash would end only the batch run's worker process, "
+        "which is restarted.",
+    ]
     defects = [r for r in records if r["outcome"] in OUTCOMES[2:]]
     if defects:
         lines += ["", "First defects, with the mutations that reproduce them:", ""]

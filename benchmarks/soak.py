@@ -206,7 +206,9 @@ def render(args, n_tiles, baseline: Phase, soaked: Phase, samples) -> str:
         f"{len(soaked.failures)} failures |",
         "",
         "Start memory is sampled after the first tenth of the concurrent phase, "
-        "so allocator and model warm-up are not counted as growth.",
+        "so allocator and model warm-up are not counted as growth. The client's "
+        "memory includes torch, which the export of the tiny repository imports "
+        "in the same process unless `--repository` is given.",
     ]
     if soaked.failures:
         lines += ["", "First failures:", ""]
