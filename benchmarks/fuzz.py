@@ -1,9 +1,9 @@
 """Fuzz the slide reader and tiler with mutated and truncated copies of real slides.
 
-Hypothesis draws each case: a source slide and one to four mutations, such as a
-truncation, flipped bytes, a zeroed range, or an interesting integer written
-into a TIFF structure (an IFD entry, a tag value, the first-IFD offset), whose
-offsets are read from the pristine file with tifffile. Each case runs
+Hypothesis draws each case: a source slide and one to four mutations. A
+mutation is a truncation, a flipped byte, a zeroed range, or an interesting
+integer written into a TIFF structure (an IFD entry, a tag value, the first-IFD
+offset). The structure offsets are read from the pristine file with tifffile. Each case runs
 ``open_slide``, ``plan_slide_tiles`` and ``iter_tile_batches`` (the public slide
 API) in a child forked from this process after the imports, so a native crash
 or a hang takes down the child only. The outcome of each case is one of:

@@ -3,9 +3,9 @@
 Each stream sends the tiles of the small CMU slide (read once, 14 tiles of
 512 px) as one sequence per slide, again and again, over its own gRPC client.
 A single-stream phase first gives the baseline throughput. The concurrent phase
-reports throughput and its ratio to the baseline, slide latency percentiles,
-failed slides, and the resident memory of the server (tritonserver and its
-Python-backend stubs) and of this client, sampled after the first tenth of the
+reports throughput and its ratio to the baseline, slide latency percentiles and
+failed slides. It also samples the resident memory of the server (tritonserver
+and its Python-backend stubs) and of this client, after the first tenth of the
 phase and at its end. The run passes when no slide fails and both memories
 end within 10 % of their start.
 
