@@ -482,3 +482,98 @@ def test_queue_timeout_told_apart_from_deadline(tiny_export, tmp_path):
     assert "server queue timeout" in str(raised.value)
     assert "deadline" not in str(raised.value)
     assert raised.value.exit_code == 4
+
+
+class DroppingProxy:
+    """A loopback TCP proxy to the server whose connections can all be cut at once."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target_port = target_port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.connections: list = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink), daemon=True
+                ).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+    def drop_all(self) -> int:
+        """Reset every open connection (RST, as a dropped link would)."""
+        import socket
+        import struct
+
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for connection in connections:
+            try:
+                linger = struct.pack("ii", 1, 0)
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            except OSError:
+                pass
+        return len(connections)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop_all()
+
+
+def test_dropped_connection_mid_slide_retried_identically(slow_repository):
+    with LocalTritonServer(loopback_config(slow_repository)) as server:
+        proxy = DroppingProxy(server.config.grpc_port)
+        try:
+            options = PredictOptions(
+                url=f"127.0.0.1:{proxy.port}",
+                batch_size=2,
+                retries=3,
+                retry_backoff_s=0.5,
+                slide_id_key=KEY,
+            )
+            undisturbed = predict_slide(CMU_SMALL, options)
+            run = Background(options)
+            wait_for(lambda: active_sequences(server) >= 1, timeout_s=60)
+            dropped = proxy.drop_all()
+            run.join()
+            # The abort of the broken sequence, or the idle sweep, frees it.
+            wait_for(lambda: active_sequences(server) == 0, timeout_s=30)
+        finally:
+            proxy.close()
+
+    assert dropped >= 2
+    assert run.error is None, run.error
+    assert run.result["attempts"] >= 2
+    assert prediction(run.result) == prediction(undisturbed)

@@ -37,6 +37,10 @@ _BUSY_PREFIX = "server busy"
 # Triton's error for a request that waited in a dynamic batcher's queue past
 # the model's queue-policy timeout (Triton 2.51).
 _QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
+# Pause before an abort is sent again over a reconnecting channel, and how long
+# it keeps trying: a server that is gone should not delay the slide's retry.
+_ABORT_RETRY_S = 0.3
+_ABORT_RECONNECT_S = 2.0
 
 
 class StreamFailedError(InferenceError):
@@ -318,6 +322,7 @@ def _abort(
     have ended the sequence in Triton's sequence batcher while the models still
     hold its state. The batcher then rejects a request without the start flag,
     so the abort is sent again as a sequence of its own.
+    After a dropped connection the abort is sent again for up to 2 s.
     Best effort: a server that is gone makes the abort fail, which is logged and
     otherwise ignored. With ``wait`` false the abort is sent once, without the
     start flag, and not waited for.
@@ -326,7 +331,10 @@ def _abort(
         _abort_async(client, model, model_version, sequence_id, tile_shape)
         return
     inputs = _abort_inputs(tile_shape)
-    for sequence_start in (False, True):
+    deadline = time.monotonic() + timeout_s
+    reconnect_deadline = time.monotonic() + min(timeout_s, _ABORT_RECONNECT_S)
+    sequence_start = False
+    while True:
         try:
             client.infer(
                 model,
@@ -335,11 +343,18 @@ def _abort(
                 sequence_id=sequence_id,
                 sequence_start=sequence_start,
                 sequence_end=True,
-                client_timeout=timeout_s,
+                client_timeout=max(0.5, deadline - time.monotonic()),
             )
         except InferenceServerException as error:
             message = _message(error)
             if not sequence_start and "START flag" in message:
+                sequence_start = True
+                continue
+            if error.status() == "StatusCode.UNAVAILABLE" and (
+                time.monotonic() + _ABORT_RETRY_S < reconnect_deadline
+            ):
+                # A dropped connection: gRPC reconnects on the next call.
+                time.sleep(_ABORT_RETRY_S)
                 continue
             _LOGGER.info("could not abort sequence %d: %s", sequence_id, message)
             return
