@@ -109,6 +109,9 @@ def test_shards_cover_input_exactly_once():
 def test_invalid_shard_and_manifest_exit_2(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("slide\nx.svs\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a slide")
     for args, expected in (
         (["--shard", "2/2"], "out of range"),
         (["--shard", "1"], "is not INDEX/COUNT"),
@@ -116,6 +119,7 @@ def test_invalid_shard_and_manifest_exit_2(tmp_path):
         (["--manifest", str(manifest)], "has no 'path' column"),
         ([str(CMU_SMALL), str(CMU_SMALL), "--json", "x.json"], "--results"),
         ([], "no slide given"),
+        ([str(empty)], "no slides found"),
     ):
         completed = run_client("predict", *args)
         assert completed.returncode == 2, args

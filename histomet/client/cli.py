@@ -521,6 +521,12 @@ def _predict_batch(args: argparse.Namespace, options) -> int:
     from histomet.client.batch import run_batch
 
     inputs = expand_inputs(args.slides, args.manifest)
+    if not inputs:
+        raise UsageError(
+            "no slides found in the folders and manifest given",
+            "slide files end in .svs, .tif, .tiff, .ndpi, .mrxs, .scn and similar; "
+            "a DICOM WSI folder contains .dcm files",
+        )
     if args.results is not None and _descriptor(args.results) is None:
         if args.results.is_dir():
             raise UsageError(
