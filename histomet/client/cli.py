@@ -2,9 +2,15 @@
 
 ``histomet-client tiles`` checks that a slide opens and tiles, without a server.
 
-Exit codes: 0 prediction made, 1 unexpected error, 2 invalid arguments,
-3 invalid input slide, 4 server or model failure, 5 no tissue found,
-130 interrupted.
+Exit codes for one slide: 0 prediction made, 1 unexpected error, 2 invalid
+arguments, 3 invalid input slide, 4 server or model failure, 5 no tissue found,
+130 interrupted, 143 terminated.
+
+Several slides, a folder of slides, ``--manifest``, ``--results`` or ``--shard``
+make a batch run (see ``histomet.client.batch``). Its exit code is 0 when every
+slide has a result (a prediction or no tissue), else 4 if any slide failed on
+the server, 3 if any failed as invalid input, 1 otherwise; 130 and 143 when
+interrupted, with every finished result kept.
 """
 
 from __future__ import annotations
@@ -116,9 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=OneLineErrorParser
     )
 
-    predict = commands.add_parser("predict", help="predict one slide", parents=[debug])
+    predict = commands.add_parser(
+        "predict",
+        help="predict one slide, or many into a results file",
+        parents=[debug],
+    )
     predict.add_argument(
-        "slide", type=_non_empty_path, help="slide file, or DICOM WSI folder"
+        "slides",
+        metavar="SLIDE",
+        nargs="*",
+        type=_non_empty_path,
+        help="slide file, DICOM WSI folder, or folder to scan for slides",
     )
     predict.add_argument(
         "--url",
@@ -173,13 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the metrics endpoint up this many seconds after the prediction, "
         "so a scraper can read the final values (default: 0)",
     )
-    predict.add_argument(
-        "--pushgateway",
-        type=_pushgateway_url,
-        metavar="URL",
-        help="push the client's metrics to this Prometheus Pushgateway when the run "
-        "ends, after success or failure (for batch jobs that end before a scrape)",
-    )
+    _add_batch_arguments(predict)
+    _add_retry_and_tls_arguments(predict)
     predict.add_argument(
         "--show-paths",
         action="store_true",
@@ -190,21 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="print nothing but errors"
     )
     predict.add_argument(
+        "--pushgateway",
+        type=_pushgateway_url,
+        metavar="URL",
+        help="push the client's metrics to this Prometheus Pushgateway when the run "
+        "ends, after success or failure (for batch jobs that end before a scrape)",
+    )
+    predict.add_argument(
         "--heatmap",
         type=_non_empty_path,
-        help="write the risk attention over the slide thumbnail to this PNG file",
+        help="one slide only: write the risk attention over the slide thumbnail to "
+        "this PNG file",
     )
     predict.add_argument(
         "--geojson",
         type=_non_empty_path,
-        help="write every tile as a GeoJSON polygon in level-0 pixels, with its "
-        "attention and top concepts as properties",
+        help="one slide only: write every tile as a GeoJSON polygon in level-0 "
+        "pixels, with its attention and top concepts as properties",
     )
     predict.add_argument(
         "--per-tile",
         action="store_true",
-        help="add every tile's attention and top concepts to the JSON result "
-        "(key 'tiles')",
+        help="one slide only: add every tile's attention and top concepts to the "
+        "JSON result (key 'tiles')",
     )
 
     from histomet.client.tiles import add_tiles_arguments
@@ -216,6 +233,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tiles_arguments(tiles, _mpp)
     return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    hint = "give INDEX/COUNT with 0 <= INDEX < COUNT, for example 0/4"
+    index, separator, count = text.partition("/")
+    if not separator or not index.isdigit() or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not INDEX/COUNT; {hint}")
+    if not 0 <= int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; {hint}")
+    return int(index), int(count)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of 0 or more: {text!r}"
+        )
+    return int(text)
+
+
+def _add_batch_arguments(predict: argparse.ArgumentParser) -> None:
+    predict.add_argument(
+        "--manifest",
+        type=_non_empty_path,
+        metavar="CSV",
+        help="CSV file with a 'path' column of slides, relative to the CSV's folder",
+    )
+    predict.add_argument(
+        "--results",
+        type=_non_empty_path,
+        metavar="OUT.jsonl",
+        help="append one JSON line per slide to this file; a rerun skips the "
+        "slides that it already holds as finished (default: standard output)",
+    )
+    predict.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="INDEX/COUNT",
+        help="predict only the slides whose input row number modulo COUNT is INDEX",
+    )
+    predict.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="batch progress on stderr (default: auto, a bar on a terminal, else "
+        "one line per slide)",
+    )
+    predict.add_argument(
+        "--in-process",
+        action="store_true",
+        help="predict batch slides in this process instead of a worker process; "
+        "a native crash in a slide reader then ends the whole run",
+    )
+    predict.add_argument(
+        "--max-server-failures",
+        type=_non_negative_int,
+        default=3,
+        help="stop a batch run after this many slides in a row could not reach "
+        "the server; 0 never stops (default: 3)",
+    )
+
+
+def _add_retry_and_tls_arguments(predict: argparse.ArgumentParser) -> None:
+    predict.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=3,
+        help="times to send a slide again as a new sequence after the server went "
+        "away, restarted, was busy or changed model version (default: 3)",
+    )
+    predict.add_argument(
+        "--retry-backoff-s",
+        type=_non_negative_float,
+        default=1.0,
+        help="seconds before the first retry, doubling for each next one, plus up "
+        "to 50%% jitter (default: 1)",
+    )
+    predict.add_argument(
+        "--tls-ca",
+        type=_non_empty_path,
+        help="connect over TLS, trusting the server certificate signed by this "
+        "CA (PEM file)",
+    )
+    predict.add_argument(
+        "--tls-cert",
+        type=_non_empty_path,
+        help="client certificate (PEM) for a server that requires mutual TLS",
+    )
+    predict.add_argument(
+        "--tls-key", type=_non_empty_path, help="private key (PEM) of --tls-cert"
+    )
 
 
 # Paths that name an open descriptor of this process. They are written in place,
@@ -397,26 +505,82 @@ def _write_maps(args: argparse.Namespace, maps, result: dict) -> None:
             ) from error
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from histomet.client import metrics
-    from histomet.client.interpret import TileMaps
+def _predict_options(args: argparse.Namespace):
     from histomet.client.predict import PredictOptions
-    from histomet.client.predict import predict_slide
+    from histomet.client.served_model import TlsSettings
 
-    output = check_output_path(args.json, args.slide) if args.json is not None else None
-    for option, path in (("--heatmap", args.heatmap), ("--geojson", args.geojson)):
-        if path is not None:
-            check_map_path(path, option, args.slide)
-    maps = TileMaps(want_thumbnail=args.heatmap is not None)
-    options = PredictOptions(
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError(
+            "--tls-cert and --tls-key must be given together",
+            "give both for mutual TLS, or neither",
+        )
+    if args.tls_cert is not None and args.tls_ca is None:
+        raise UsageError("--tls-cert needs --tls-ca", "give the server's CA as well")
+    tls = None
+    if args.tls_ca is not None:
+        tls = TlsSettings(args.tls_ca, args.tls_cert, args.tls_key)
+    return PredictOptions(
         url=args.url,
         model=args.model,
         reader=args.reader,
         mpp=args.mpp,
         batch_size=args.batch_size,
         timeout_s=args.timeout_s,
+        retries=args.retries,
+        retry_backoff_s=args.retry_backoff_s,
+        tls=tls,
         show_paths=args.show_paths,
     )
+
+
+def _select_mode(args: argparse.Namespace) -> None:
+    """Set ``args.batch``, and ``args.slide`` to the one slide of a single prediction."""
+    from histomet.client.batch import is_batch_folder
+
+    slides = args.slides
+    args.batch = bool(
+        args.manifest is not None
+        or args.results is not None
+        or args.shard is not None
+        or len(slides) != 1
+        or is_batch_folder(slides[0])
+    )
+    args.slide = None if args.batch else slides[0]
+    if not slides and args.manifest is None:
+        raise UsageError(
+            "no slide given", "give slide files, a folder of slides or --manifest CSV"
+        )
+    if args.batch and args.json is not None:
+        raise UsageError(
+            "--json writes the result of one slide",
+            "use --results OUT.jsonl for several slides",
+        )
+    for option, value in (
+        ("--heatmap", args.heatmap),
+        ("--geojson", args.geojson),
+        ("--per-tile", args.per_tile or None),
+    ):
+        if args.batch and value is not None:
+            raise UsageError(
+                f"{option} writes the maps of one slide",
+                "predict that slide on its own to get its maps",
+            )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from histomet.client import metrics
+    from histomet.client.interpret import TileMaps
+    from histomet.client.predict import predict_slide
+
+    options = _predict_options(args)
+    output = None
+    if not args.batch and args.json is not None:
+        output = check_output_path(args.json, args.slide)
+    if not args.batch:
+        for option, path in (("--heatmap", args.heatmap), ("--geojson", args.geojson)):
+            if path is not None:
+                check_map_path(path, option, args.slide)
+    maps = TileMaps(want_thumbnail=args.heatmap is not None)
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -429,6 +593,8 @@ def _predict(args: argparse.Namespace) -> int:
             ) from error
         _LOGGER.info("client metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
     try:
+        if args.batch:
+            return _predict_batch(args, options)
         with NativeOutputMonitor(_secrets(args)):
             result = predict_slide(args.slide, options, maps)
         metrics.record_model(result["model"])
@@ -457,16 +623,69 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_batch(args: argparse.Namespace, options) -> int:
+    from histomet.client.batch import BatchOptions
+    from histomet.client.batch import expand_inputs
+    from histomet.client.batch import run_batch
+
+    inputs = expand_inputs(args.slides, args.manifest)
+    if not inputs:
+        raise UsageError(
+            "no slides found in the folders and manifest given",
+            "slide files end in .svs, .tif, .tiff, .ndpi, .mrxs, .scn and similar; "
+            "a DICOM WSI folder contains .dcm files",
+        )
+    if args.results is not None and _descriptor(args.results) is None:
+        if args.results.is_dir():
+            raise UsageError(
+                f"--results {args.results} is a folder", "give a file path"
+            )
+        if not args.results.parent.is_dir():
+            raise UsageError(
+                f"--results folder {args.results.parent} does not exist",
+                "create it first",
+            )
+    results = None if args.results is None or str(args.results) == "-" else args.results
+    batch_options = BatchOptions(
+        results=results,
+        shard=args.shard or (0, 1),
+        progress="none" if args.quiet else args.progress,
+        max_consecutive_server_failures=args.max_server_failures,
+        isolate=not args.in_process,
+    )
+    with NativeOutputMonitor(()) as monitor:
+        log_filters = []
+        for handler in logging.getLogger().handlers:
+            for log_filter in handler.filters:
+                if isinstance(log_filter, RedactingFilter):
+                    log_filters.append(log_filter)
+
+        def hide_names(path: Path) -> tuple[str, ...]:
+            """Point the log and output filters at the names of the next slide."""
+            secrets = () if args.show_paths else _path_secrets(path)
+            monitor.secrets = secrets
+            for log_filter in log_filters:
+                log_filter.secrets = secrets
+            return secrets
+
+        summary = run_batch(inputs, options, batch_options, hide_names)
+    return summary.exit_code()
+
+
 def _secrets(args: argparse.Namespace) -> tuple[str, ...]:
-    """Return the strings that name the slide, which messages must not show.
+    """Return the strings that name the slide, which messages must not show."""
+    if getattr(args, "show_paths", False) or getattr(args, "slide", None) is None:
+        return ()
+    return _path_secrets(args.slide)
+
+
+def _path_secrets(slide: Path) -> tuple[str, ...]:
+    """Return the strings that name ``slide``: its path forms and its name.
 
     A path with a newline is also split into its lines, because native readers
     print it across lines. Fragments under 3 characters are skipped, so that
     redaction never replaces ordinary text such as ".".
     """
-    if getattr(args, "show_paths", False) or getattr(args, "slide", None) is None:
-        return ()
-    slide = args.slide
     names = {str(slide), str(slide.absolute()), str(slide.resolve()), slide.name}
     fragments = {line for name in names for line in name.splitlines()}
     # Libraries print a name that is not valid UTF-8 in its escaped repr form.
@@ -485,6 +704,12 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        if args.command == "predict":
+            _select_mode(args)
+    except UsageError as error:
+        print(f"histomet-client: error: {error}", file=sys.stderr)
+        return error.exit_code
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

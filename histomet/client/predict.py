@@ -1,34 +1,53 @@
 """Predict one slide: read the model contract, tile the slide, stream it, build the result.
 
 The result is a plain dict, ready for JSON, with the keys documented in the
-README. It never contains the slide's file name or path: ``slide.id`` is a
-SHA-256 over the file size and sampled content, stable across renames.
+README. It never contains the slide's file name or path: ``slide.id`` is a keyed
+hash of the file size and sampled content (see ``histomet.client.identity``).
+
+A slide is scored by one model version from its first request to its last. The
+client reads the ensemble's version and manifest digest before the stream and
+again after it. A change in between, a server that went away or lost sequence
+state sends the whole slide again as a new sequence. Retries are bounded, with
+exponential backoff and jitter. A deadline is not retried.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from histomet.client import identity
 from histomet.client import metrics
 from histomet.client.interpret import TileMaps
 from histomet.client.native_output import NativeOutputMonitor
 from histomet.client.native_output import active_monitor
+import tritonclient.grpc as grpcclient
+
 from histomet.client.served_model import ServedModel
 from histomet.client.served_model import connect
 from histomet.client.served_model import describe
+from histomet.client.served_model import TlsSettings
+from histomet.client.stream import DeadlineExceededError
+from histomet.client.stream import QueueTimeoutError
+from histomet.client.stream import ServerBusyError
+from histomet.client.stream import StreamFailedError
 from histomet.client.stream import StreamResult
 from histomet.client.stream import stream_slide
 from histomet.errors import HistometError
 from histomet.errors import InferenceError
 from histomet.errors import InputError
+from histomet.errors import ModelConfigError
+from histomet.errors import ServerUnavailableError
 from histomet.errors import SlideNotFoundError
 from histomet.errors import SlideReadError
+from histomet.slide import Slide
+from histomet.slide import TileGrid
+from histomet.slide import TissueMask
 from histomet.slide import iter_tile_batches
 from histomet.slide import open_slide
 from histomet.slide import plan_slide_tiles
@@ -38,7 +57,6 @@ _LOGGER = logging.getLogger(__name__)
 RESULT_SCHEMA = "histomet.prediction/1"
 DEMO_WEIGHTS_NOTICE = "DEMO WEIGHTS: random, untrained; this is not a prediction"
 THUMBNAIL_MAX_PX = 2048
-_SAMPLE_BYTES = 1 << 20
 TOP_TILES = 5
 
 
@@ -53,30 +71,24 @@ class PredictOptions:
     batch_size: int = 16
     max_in_flight: int = 2
     timeout_s: float = 600.0
+    # Attempts after the first, for failures that a new sequence may not meet.
+    retries: int = 3
+    # Wait before retry n is retry_backoff_s * 2**(n-1), plus up to 50 % jitter.
+    retry_backoff_s: float = 1.0
+    tls: TlsSettings | None = None
     # File names can hold patient identifiers, so messages name "the slide"
     # unless the user asks for paths.
     show_paths: bool = False
+    # The slide-id key; None loads it as ``identity.load_key`` describes.
+    slide_id_key: bytes | None = None
 
 
-def slide_id(path: Path) -> str:
-    """Return a content-derived id: SHA-256 of size and the first and last MiB of each file.
+class ModelVersionChangedError(StreamFailedError):
+    """The served ensemble changed version or manifest while a slide was streamed."""
 
-    A folder (a DICOM slide) hashes its files in name order. Reading two MiB per
-    file keeps this cheap for multi-GB slides while a renamed copy keeps its id.
-    """
-    files = (
-        sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    )
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(size.to_bytes(8, "little"))
-        with open(file, "rb") as handle:
-            digest.update(handle.read(_SAMPLE_BYTES))
-            if size > 2 * _SAMPLE_BYTES:
-                handle.seek(size - _SAMPLE_BYTES)
-                digest.update(handle.read(_SAMPLE_BYTES))
-    return digest.hexdigest()[:24]
+
+# Failures after which the whole slide is sent again as a new sequence.
+_RETRYABLE = (StreamFailedError, ServerUnavailableError)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -163,6 +175,144 @@ def _no_tissue_result(
     return result
 
 
+@dataclass
+class _Scored:
+    """One successful attempt: the model that scored the slide, its plan and outputs."""
+
+    served: ServedModel
+    mask: TissueMask
+    grid: TileGrid
+    stream: StreamResult | None  # None for a slide without tissue
+    connect_s: float
+    tissue_s: float
+
+
+def _plan(slide: Slide, model_spec, plans: dict) -> tuple[TissueMask, TileGrid, float]:
+    """Return the tissue mask and tile grid for the model's tiling, computed once each."""
+    key = (model_spec.tile_px, model_spec.target_mpp, model_spec.min_tissue_fraction)
+    if key not in plans:
+        step = time.perf_counter()
+        mask, grid = plan_slide_tiles(
+            slide,
+            tile_px=model_spec.tile_px,
+            target_mpp=model_spec.target_mpp,
+            min_tissue_fraction=model_spec.min_tissue_fraction,
+            thumbnail_max_px=THUMBNAIL_MAX_PX,
+        )
+        plans[key] = (mask, grid, time.perf_counter() - step)
+    return plans[key]
+
+
+def _check_same_model(
+    client: grpcclient.InferenceServerClient, model: str, before: ServedModel
+) -> None:
+    """Raise ``ModelVersionChangedError`` unless ``model`` still is ``before``."""
+    try:
+        after = describe(client, model)
+    except ModelConfigError as error:
+        raise ModelVersionChangedError(
+            f"model {model!r} changed while the slide was streamed ({error.message})",
+            "the slide is sent again once the model is consistent",
+        ) from error
+    old = (before.version, before.spec.version, before.spec.manifest_sha256)
+    new = (after.version, after.spec.version, after.spec.manifest_sha256)
+    if old != new:
+        raise ModelVersionChangedError(
+            f"model {model!r} changed from {before.spec.version} (Triton version "
+            f"{before.version}, manifest {old[2][:12]}) to {after.spec.version} "
+            f"(Triton version {after.version}, manifest {new[2][:12]}) while the "
+            "slide was streamed",
+            "the slide is sent again on the new version, never scored by both",
+        )
+
+
+def _score_once(
+    slide: Slide, options: PredictOptions, plans: dict, check_decode, attempt: int
+) -> _Scored:
+    """Connect, read the model, plan and stream the slide, and check the model held.
+
+    On a retry, a model that is not ready or mixes two exports is taken to be
+    in the middle of a reload, and the attempt fails as retryable.
+    """
+    step = time.perf_counter()
+    client = connect(options.url, tls=options.tls)
+    try:
+        served = describe(client, options.model)
+    except ModelConfigError as error:
+        if attempt == 1:
+            raise
+        raise ModelVersionChangedError(
+            f"model {options.model!r} is not consistent yet ({error.message})",
+            error.hint,
+        ) from error
+    connect_s = time.perf_counter() - step
+    mask, grid, tissue_s = _plan(slide, served.spec, plans)
+    check_decode()
+    if grid.n_tiles == 0:
+        return _Scored(served, mask, grid, None, connect_s, tissue_s)
+    batch_size = max(1, min(options.batch_size, served.spec.encoder_max_batch))
+    stream = stream_slide(
+        client,
+        served.name,
+        iter_tile_batches(slide, grid, batch_size),
+        grid.n_tiles,
+        model_version=served.version,
+        max_in_flight=options.max_in_flight,
+        response_timeout_s=options.timeout_s,
+    )
+    _check_same_model(client, served.name, served)
+    return _Scored(served, mask, grid, stream, connect_s, tissue_s)
+
+
+def retry_delay_s(options: PredictOptions, retry: int) -> float:
+    """Return the wait before retry ``retry`` (1-based): exponential, 0-50 % jitter."""
+    base = options.retry_backoff_s * 2 ** (retry - 1)
+    return base * (1.0 + 0.5 * random.random())
+
+
+def _score_with_retries(
+    slide: Slide, options: PredictOptions, check_decode
+) -> tuple[_Scored, int]:
+    """Score the slide, sending it again as a new sequence after a retryable failure.
+
+    Returns the scored attempt and how many attempts it took. After the last
+    attempt the failure is raised with the attempt count in its message. A
+    server that cannot be reached on the first attempt is not retried.
+    """
+    plans: dict = {}
+    attempts = options.retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return _score_once(slide, options, plans, check_decode, attempt), attempt
+        except _RETRYABLE as error:
+            if attempt == 1 and isinstance(error, ServerUnavailableError):
+                # Never reached: a wrong --url or a stopped server fails at once.
+                raise
+            kind = "retryable"
+            if isinstance(error, ServerBusyError):
+                kind = "busy"
+            elif isinstance(error, QueueTimeoutError):
+                kind = "queue_timeout"
+            metrics.ERRORS.labels(kind=kind).inc()
+            if attempts == 1:
+                raise
+            if attempt == attempts:
+                raise type(error)(
+                    f"gave up after {attempts} attempts: {error.message}", error.hint
+                ) from error
+            delay_s = retry_delay_s(options, attempt)
+            _LOGGER.warning(
+                "attempt %d of %d failed (%s); sending the slide again as a new "
+                "sequence in %.1f s",
+                attempt,
+                attempts,
+                error.message,
+                delay_s,
+            )
+            time.sleep(delay_s)
+    raise AssertionError("unreachable")
+
+
 def predict_slide(
     path: Path, options: PredictOptions, maps: TileMaps | None = None
 ) -> dict:
@@ -191,8 +341,13 @@ def predict_slide(
                 f"{display_name} is not a regular file or folder",
                 "give a slide file or a DICOM WSI folder",
             )
+        key = options.slide_id_key or identity.load_key()
         monitor = active_monitor()
         output_mark = monitor.mark() if monitor is not None else 0
+
+        def check_decode() -> None:
+            _check_decode_errors(monitor, output_mark, display_name)
+
         # The slide is opened first, so a bad file or a missing MPP is reported
         # without a server, and before any request.
         with open_slide(
@@ -203,59 +358,43 @@ def predict_slide(
         ) as slide:
             info = slide.info
             timings["open_s"] = time.perf_counter() - started
-            step = time.perf_counter()
-            client = connect(options.url)
-            served = describe(client, options.model)
-            model_spec = served.spec
-            timings["connect_s"] = time.perf_counter() - step
-
-            step = time.perf_counter()
-            mask, grid = plan_slide_tiles(
-                slide,
-                tile_px=model_spec.tile_px,
-                target_mpp=model_spec.target_mpp,
-                min_tissue_fraction=model_spec.min_tissue_fraction,
-                thumbnail_max_px=THUMBNAIL_MAX_PX,
-            )
-            timings["tissue_s"] = time.perf_counter() - step
-            _check_decode_errors(monitor, output_mark, display_name)
-            result = {
-                "schema": RESULT_SCHEMA,
-                "status": "ok",
-                "notice": DEMO_WEIGHTS_NOTICE if model_spec.demo_weights else None,
-                "slide": {
-                    "id": slide_id(path),
-                    "reader": info.reader,
-                    "mpp": round(float(info.mpp), 6),
-                    "mpp_source": info.mpp_source,
-                    "dimensions": list(info.dimensions),
-                    "tiles": grid.n_tiles,
-                    "tile_px": grid.tile_px,
-                    "tile_mpp": round(float(grid.tile_mpp), 6),
-                    "read_level": grid.level,
-                    "tissue_fraction": round(float(mask.tissue_fraction), 6),
-                    "warnings": list(info.warnings),
-                },
-                "model": _model_section(served),
-            }
-            if grid.n_tiles == 0:
-                outcome = "no_tissue"
-                return _no_tissue_result(result, model_spec, timings, started)
-            batch_size = max(1, min(options.batch_size, model_spec.encoder_max_batch))
-            batches = iter_tile_batches(slide, grid, batch_size)
-            stream = stream_slide(
-                client,
-                options.model,
-                batches,
-                grid.n_tiles,
-                model_version=served.version,
-                max_in_flight=options.max_in_flight,
-                response_timeout_s=options.timeout_s,
-            )
-            if maps is not None and maps.want_thumbnail:
+            scored, attempts = _score_with_retries(slide, options, check_decode)
+            if maps is not None and maps.want_thumbnail and scored.stream is not None:
                 maps.thumbnail, maps.thumbnail_downsample = slide.thumbnail(
                     THUMBNAIL_MAX_PX
                 )
+        served, mask, grid, stream = (
+            scored.served,
+            scored.mask,
+            scored.grid,
+            scored.stream,
+        )
+        model_spec = served.spec
+        timings["connect_s"] = scored.connect_s
+        timings["tissue_s"] = scored.tissue_s
+        result = {
+            "schema": RESULT_SCHEMA,
+            "status": "ok",
+            "notice": DEMO_WEIGHTS_NOTICE if model_spec.demo_weights else None,
+            "slide": {
+                "id": identity.slide_id(path, key),
+                "reader": info.reader,
+                "mpp": round(float(info.mpp), 6),
+                "mpp_source": info.mpp_source,
+                "dimensions": list(info.dimensions),
+                "tiles": grid.n_tiles,
+                "tile_px": grid.tile_px,
+                "tile_mpp": round(float(grid.tile_mpp), 6),
+                "read_level": grid.level,
+                "tissue_fraction": round(float(mask.tissue_fraction), 6),
+                "warnings": list(info.warnings),
+            },
+            "model": _model_section(served),
+            "attempts": attempts,
+        }
+        if stream is None:
+            outcome = "no_tissue"
+            return _no_tissue_result(result, model_spec, timings, started)
         # A reader that printed a decode error may have returned made-up pixels,
         # so the prediction is discarded.
         _check_decode_errors(monitor, output_mark, display_name)
@@ -321,6 +460,9 @@ def predict_slide(
         )
         outcome = "ok"
         return result
+    except DeadlineExceededError:
+        metrics.ERRORS.labels(kind="deadline").inc()
+        raise
     except InferenceError:
         metrics.ERRORS.labels(kind="inference").inc()
         raise

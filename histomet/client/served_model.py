@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -31,10 +32,45 @@ class ServedModel:
     server_version: str
 
 
-def connect(url: str, timeout_s: float = 10.0) -> grpcclient.InferenceServerClient:
-    """Open a gRPC client and check that the server is live and ready."""
+@dataclass(frozen=True)
+class TlsSettings:
+    """PEM files for a gRPC connection over TLS.
+
+    ``root_cert`` is the CA that signed the server's certificate. Give
+    ``client_cert`` and ``client_key`` together when the server requires mutual
+    TLS.
+    """
+
+    root_cert: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+def _pem_path(path: Path | None, what: str) -> str | None:
+    """Return the path as tritonclient takes it, which reads the file itself."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ServerUnavailableError(
+            f"{what} file not found: {path}", "give the path of a PEM file"
+        )
+    return str(path)
+
+
+def connect(
+    url: str, timeout_s: float = 10.0, tls: TlsSettings | None = None
+) -> grpcclient.InferenceServerClient:
+    """Open a gRPC client, over TLS when ``tls`` is given, and check the server is ready."""
+    ssl_options = {}
+    if tls is not None:
+        ssl_options = {
+            "ssl": True,
+            "root_certificates": _pem_path(tls.root_cert, "TLS root certificate"),
+            "private_key": _pem_path(tls.client_key, "TLS client key"),
+            "certificate_chain": _pem_path(tls.client_cert, "TLS client certificate"),
+        }
     try:
-        client = grpcclient.InferenceServerClient(url=url)
+        client = grpcclient.InferenceServerClient(url=url, **ssl_options)
         live = client.is_server_live(client_timeout=timeout_s)
         ready = client.is_server_ready(client_timeout=timeout_s)
     except InferenceServerException as error:
@@ -66,9 +102,18 @@ def _parameter(parameters: dict, key: str, model: str) -> str:
 
 
 def describe(
-    client: grpcclient.InferenceServerClient, model_name: str, timeout_s: float = 10.0
+    client: grpcclient.InferenceServerClient,
+    model_name: str,
+    timeout_s: float = 10.0,
+    *,
+    follow_pin: bool = True,
 ) -> ServedModel:
-    """Return the served ensemble's version and contract, or raise if it is not ready."""
+    """Return the served ensemble's version and contract, or raise if it is not ready.
+
+    When ``model_name`` is an alias ensemble whose ``pinned_model`` parameter
+    names a registry version's own ensemble, that ensemble is described
+    instead, and its name is the one to stream the slide to.
+    """
     try:
         if not client.is_model_ready(model_name, client_timeout=timeout_s):
             raise ModelConfigError(
@@ -82,13 +127,29 @@ def describe(
         config = client.get_model_config(
             model_name, as_json=True, client_timeout=timeout_s
         )["config"]
+        pinned = (
+            config.get("parameters", {})
+            .get(spec.PARAM_PINNED_MODEL, {})
+            .get("string_value", "")
+        )
+        if follow_pin and pinned and pinned != model_name:
+            return describe(client, pinned, timeout_s, follow_pin=False)
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
         composing = {
-            name: client.get_model_config(name, as_json=True, client_timeout=timeout_s)[
-                "config"
-            ]
-            for name in (spec.ENCODER_MODEL, spec.RISK_MODEL, spec.SITE_MODEL)
+            step["model_name"]: client.get_model_config(
+                step["model_name"], as_json=True, client_timeout=timeout_s
+            )["config"]
+            for step in steps
         }
-        encoder = composing[spec.ENCODER_MODEL]
+        # The encoder is the step that reads the tiles.
+        encoder = next(
+            (
+                composing[step["model_name"]]
+                for step in steps
+                if spec.TILES in step.get("input_map", {}).values()
+            ),
+            {},
+        )
         server = client.get_server_metadata(as_json=True, client_timeout=timeout_s)
     except InferenceServerException as error:
         raise ModelConfigError(

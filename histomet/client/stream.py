@@ -32,6 +32,48 @@ from histomet.errors import InferenceError
 _LOGGER = logging.getLogger(__name__)
 
 _DONE = object()
+# Prefix of the error a MIL model returns when its sequence cap is reached.
+_BUSY_PREFIX = "server busy"
+# Triton's error for a request that waited in a dynamic batcher's queue past
+# the model's queue-policy timeout (Triton 2.51).
+_QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
+# Pause before an abort is sent again over a reconnecting channel, and how long
+# it keeps trying: a server that is gone should not delay the slide's retry.
+_ABORT_RETRY_S = 0.3
+_ABORT_RECONNECT_S = 2.0
+
+
+class StreamFailedError(InferenceError):
+    """The slide's sequence failed in a way that a fresh sequence may not.
+
+    The server went away or restarted, its pooling state was lost, a request was
+    lost, or the model was reloaded. Nothing of the slide was predicted, so the
+    caller may send the whole slide again as a new sequence.
+    """
+
+    retryable = True
+
+
+class ServerBusyError(StreamFailedError):
+    """The server rejected the slide because its sequence cap was reached."""
+
+
+class QueueTimeoutError(StreamFailedError):
+    """The server dropped a request whose wait in its queue passed its timeout.
+
+    Unlike a client deadline, the server did no work on it, so a retry after a
+    backoff adds no duplicate work.
+    """
+
+
+class DeadlineExceededError(InferenceError):
+    """No response within the client's deadline.
+
+    Not retried: the server may still be working on the requests it holds, and
+    a second copy of the slide would pile more work onto a slow server.
+    """
+
+    retryable = False
 
 
 @dataclass
@@ -163,11 +205,11 @@ def stream_slide(
     tile_shape: tuple[int, ...] = ()
 
     def timed_out() -> InferenceError:
-        return InferenceError(
-            f"no response from model {model!r} within {response_timeout_s:.0f} s "
-            f"(sequence {sequence_id})",
-            "no prediction was made; raise --timeout-s or check the server's load "
-            "and log",
+        return DeadlineExceededError(
+            f"deadline exceeded: no response from model {model!r} within "
+            f"{response_timeout_s:g} s (sequence {sequence_id})",
+            "no prediction was made and the slide was not resent; raise --timeout-s "
+            "or check the server's load and log",
         )
 
     def collect(block: bool, timeout_s: float) -> None:
@@ -179,9 +221,23 @@ def stream_slide(
                 raise timed_out() from None
             return
         if error is not None:
-            raise InferenceError(
+            message = _message(error)
+            if _BUSY_PREFIX in message:
+                raise ServerBusyError(
+                    f"model {model!r} rejected sequence {sequence_id}: {message}",
+                    "no prediction was made; retry when fewer slides are in progress",
+                )
+            if _QUEUE_TIMEOUT_MESSAGE in message:
+                raise QueueTimeoutError(
+                    f"server queue timeout: model {model!r} dropped a request of "
+                    f"sequence {sequence_id} that waited past its queue policy "
+                    f"({message})",
+                    "no prediction was made; the server is overloaded, retry later "
+                    "or raise the model's default_timeout_microseconds",
+                )
+            raise StreamFailedError(
                 f"model {model!r} failed a request of sequence {sequence_id}: "
-                f"{_message(error)}",
+                f"{message}",
                 "no prediction was made; retry the slide, and if it fails again, "
                 "read the server log",
             )
@@ -214,7 +270,7 @@ def stream_slide(
             try:
                 _send(client, model, model_version, batch, sent, sequence_id, end)
             except InferenceServerException as error:
-                raise InferenceError(
+                raise StreamFailedError(
                     f"lost the stream to model {model!r} during sequence "
                     f"{sequence_id} ({_stream_failure(responses, error)})",
                     "no prediction was made; retry the slide when the server is back",
@@ -233,11 +289,15 @@ def stream_slide(
             )
         while len(outputs) < sent:
             collect(block=True, timeout_s=response_timeout_s)
-    except BaseException:
+    except BaseException as error:
         reader.stop()
         client.stop_stream(cancel_requests=True)
         if sent:
-            _abort(client, model, model_version, sequence_id, tile_shape)
+            # After a deadline the server still has the slide's requests, so
+            # the abort queues behind them; waiting for it would outlast the
+            # deadline.
+            wait = not isinstance(error, DeadlineExceededError)
+            _abort(client, model, model_version, sequence_id, tile_shape, wait=wait)
         raise
     reader.stop()
     client.stop_stream()
@@ -254,6 +314,7 @@ def _abort(
     sequence_id: int,
     tile_shape: tuple[int, ...],
     timeout_s: float = 5.0,
+    wait: bool = True,
 ) -> None:
     """End a failed sequence on the server now, instead of at the idle timeout.
 
@@ -261,33 +322,77 @@ def _abort(
     have ended the sequence in Triton's sequence batcher while the models still
     hold its state. The batcher then rejects a request without the start flag,
     so the abort is sent again as a sequence of its own.
+    After a dropped connection the abort is sent again for up to 2 s.
     Best effort: a server that is gone makes the abort fail, which is logged and
-    otherwise ignored.
+    otherwise ignored. With ``wait`` false the abort is sent once, without the
+    start flag, and not waited for.
     """
-    tiles = np.zeros((1, *tile_shape), dtype=np.uint8)
-    tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
-    tiles_input.set_data_from_numpy(tiles)
-    offset_input = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
-    offset_input.set_data_from_numpy(np.array([spec.ABORT_OFFSET], dtype=np.int64))
-    for sequence_start in (False, True):
+    if not wait:
+        _abort_async(client, model, model_version, sequence_id, tile_shape)
+        return
+    inputs = _abort_inputs(tile_shape)
+    deadline = time.monotonic() + timeout_s
+    reconnect_deadline = time.monotonic() + min(timeout_s, _ABORT_RECONNECT_S)
+    sequence_start = False
+    while True:
         try:
             client.infer(
                 model,
-                [tiles_input, offset_input],
+                inputs,
                 model_version=model_version,
                 sequence_id=sequence_id,
                 sequence_start=sequence_start,
                 sequence_end=True,
-                client_timeout=timeout_s,
+                client_timeout=max(0.5, deadline - time.monotonic()),
             )
         except InferenceServerException as error:
             message = _message(error)
             if not sequence_start and "START flag" in message:
+                sequence_start = True
+                continue
+            if error.status() == "StatusCode.UNAVAILABLE" and (
+                time.monotonic() + _ABORT_RETRY_S < reconnect_deadline
+            ):
+                # A dropped connection: gRPC reconnects on the next call.
+                time.sleep(_ABORT_RETRY_S)
                 continue
             _LOGGER.info("could not abort sequence %d: %s", sequence_id, message)
             return
         _LOGGER.info("aborted sequence %d on the server", sequence_id)
         return
+
+
+def _abort_inputs(tile_shape: tuple[int, ...]) -> list[grpcclient.InferInput]:
+    tiles = np.zeros((1, *tile_shape), dtype=np.uint8)
+    tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
+    tiles_input.set_data_from_numpy(tiles)
+    offset_input = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
+    offset_input.set_data_from_numpy(np.array([spec.ABORT_OFFSET], dtype=np.int64))
+    return [tiles_input, offset_input]
+
+
+def _abort_async(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    model_version: str,
+    sequence_id: int,
+    tile_shape: tuple[int, ...],
+) -> None:
+    def done(_result, error) -> None:
+        if error is not None:
+            _LOGGER.info("could not abort sequence %d: %s", sequence_id, error)
+
+    try:
+        client.async_infer(
+            model,
+            _abort_inputs(tile_shape),
+            callback=done,
+            model_version=model_version,
+            sequence_id=sequence_id,
+            sequence_end=True,
+        )
+    except InferenceServerException as error:
+        _LOGGER.info("could not abort sequence %d: %s", sequence_id, _message(error))
 
 
 def _stream_failure(responses: queue.Queue, send_error: Exception) -> str:
@@ -347,7 +452,7 @@ def _assemble(
     final = ordered[-1]
     tiles_pooled = int(final[spec.TILES_POOLED].reshape(-1)[0])
     if tiles_pooled != n_tiles:
-        raise InferenceError(
+        raise StreamFailedError(
             f"the server pooled {tiles_pooled} tiles of sequence {sequence_id}, "
             f"but {n_tiles} were sent",
             "retry the slide; a partial bag never gives a prediction",

@@ -8,6 +8,17 @@ backend directory with the Python backend stub that matches this interpreter, an
 wheel's bundled libraries on ``LD_LIBRARY_PATH``. The stub runs models with the
 first ``python3`` on ``PATH``, so this environment's ``bin`` goes first.
 
+The server binds every endpoint to 127.0.0.1 unless ``ServerConfig.address``
+says otherwise. ``ServerConfig.tls`` serves gRPC over TLS (mutual TLS when a
+client CA is given). With an admin key (``ServerConfig.admin_key``, by default
+from ``HISTOMET_TRITON_ADMIN_KEY``), the endpoints that change the server
+(model load and unload, the repository index, shared-memory registration,
+trace and log settings) accept only requests that carry the key: the header
+``admin-key: KEY`` over HTTP, and ``triton-grpc-protocol-admin-key: KEY`` over
+gRPC, where Triton 2.51 adds that prefix (``grpc_admin_headers``; flags
+``--http-restricted-api`` and ``--grpc-restricted-protocol``); inference, health, metadata and
+model configs stay open.
+
 Usage::
 
     with LocalTritonServer(ServerConfig(repository=Path("model_repository"))) as server:
@@ -44,6 +55,29 @@ LOOPBACK = "127.0.0.1"
 # launcher's own limit before SIGKILL leaves it a margin.
 EXIT_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 40.0
+ADMIN_KEY_ENV = "HISTOMET_TRITON_ADMIN_KEY"
+# The header name Triton checks for the restricted protocols, and the groups
+# restricted: every endpoint group that changes the server's state.
+ADMIN_KEY_HEADER = "admin-key"
+RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for gRPC over TLS; ``client_ca`` turns on mutual TLS."""
+
+    server_cert: Path
+    server_key: Path
+    client_ca: Path | None = None
+
+
+def grpc_admin_headers(admin_key: str) -> dict[str, str]:
+    """Return the gRPC headers that unlock the restricted endpoints."""
+    return {f"triton-grpc-protocol-{ADMIN_KEY_HEADER}": admin_key}
+
+
+def _admin_key_from_environment() -> str | None:
+    return os.environ.get(ADMIN_KEY_ENV) or None
 
 
 @dataclass(frozen=True)
@@ -60,6 +94,10 @@ class ServerConfig:
     # Explicit model control with every model loaded at start, so that later
     # load and unload calls (promote, rollback) work against the same server.
     load_models: tuple[str, ...] = ("*",)
+    tls: TlsFiles | None = None
+    # NOTE: Triton takes the key only on its command line, so other users of
+    # this host can read it from /proc. Run the server as its own user.
+    admin_key: str | None = field(default_factory=_admin_key_from_environment)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -165,8 +203,56 @@ def server_command(config: ServerConfig, backend_dir: Path) -> list[str]:
         f"--log-verbose={config.log_verbose}",
     ]
     command += [f"--load-model={name}" for name in config.load_models]
+    command += _security_args(config)
     command += list(config.extra_args)
     return command
+
+
+def _security_args(config: ServerConfig) -> list[str]:
+    """Return the TLS and restricted-protocol arguments of ``config``."""
+    arguments = []
+    if config.tls is not None:
+        for path in (
+            config.tls.server_cert,
+            config.tls.server_key,
+            config.tls.client_ca,
+        ):
+            if path is not None and not path.is_file():
+                raise ServerUnavailableError(
+                    f"TLS file not found: {path}", "give the path of a PEM file"
+                )
+        arguments += [
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={config.tls.server_cert.resolve()}",
+            f"--grpc-server-key={config.tls.server_key.resolve()}",
+        ]
+        if config.tls.client_ca is not None:
+            arguments += [
+                f"--grpc-root-cert={config.tls.client_ca.resolve()}",
+                "--grpc-use-ssl-mutual=true",
+            ]
+    if config.admin_key is not None:
+        if not config.admin_key.strip() or any(c in config.admin_key for c in ",:= "):
+            raise ServerUnavailableError(
+                "the admin key is empty or contains one of ',', ':', '=' or a space",
+                f"set {ADMIN_KEY_ENV} to a random token such as the output of "
+                "`openssl rand -hex 32`",
+            )
+        protocols = ",".join(RESTRICTED_PROTOCOLS)
+        restriction = f"{protocols}:{ADMIN_KEY_HEADER}={config.admin_key}"
+        arguments += [
+            f"--grpc-restricted-protocol={restriction}",
+            f"--http-restricted-api={restriction}",
+        ]
+    return arguments
+
+
+def _hide_admin_key(command: list[str]) -> list[str]:
+    marker = f"{ADMIN_KEY_HEADER}="
+    return [
+        argument.split(marker)[0] + marker + "***" if marker in argument else argument
+        for argument in command
+    ]
 
 
 def free_port(address: str = LOOPBACK) -> int:
@@ -355,7 +441,7 @@ class LocalTritonServer:
         backend_dir = prepare_backend_dir()
         command = server_command(self.config, backend_dir)
         _LOGGER.info("starting tritonserver for repository %s", repository)
-        _LOGGER.debug("command: %s", " ".join(command))
+        _LOGGER.debug("command: %s", " ".join(_hide_admin_key(command)))
 
         output = None
         if self.log_path is not None:

@@ -18,7 +18,15 @@ Safety rules, each of which fails the request rather than pooling a wrong bag:
   the slide) ends the sequence and drops its state in both models at once;
 * state idle for longer than ``sequence_idle_timeout_s`` is dropped by a
   background sweep, so a client that dies mid-slide does not leak memory even
-  when no other request arrives.
+  when no other request arrives;
+* a sequence that starts while ``max_active_sequences`` sequences hold state
+  fails at once with an error that starts with "server busy", so load beyond
+  the cap costs a retry on the client instead of server memory.
+
+The parameter ``test_only_execute_delay_s`` makes every ``execute`` call sleep
+that long first. It exists only so that tests can stall the model for real
+(deadlines, abandoned sequences, a server killed mid-slide); a repository
+written by ``histomet export`` never sets it.
 
 A request that fails in the risk model never reaches the site model, so the
 client sends an abort after any failure; without one (a client that dies), the
@@ -36,6 +44,10 @@ import onnxruntime
 import triton_python_backend_utils as pb_utils
 
 _EMPTY_STATE_MAX = np.float32(-3.4028234663852886e38)
+# Message prefix of the error for a sequence rejected at the cap; the client
+# matches it to retry with backoff instead of failing the slide.
+BUSY_PREFIX = "server busy"
+
 # TILE_OFFSET of a request that ends the sequence without a prediction.
 ABORT_OFFSET = -1
 
@@ -59,6 +71,21 @@ def _parameters(model_config):
         key: value.get("string_value", "")
         for key, value in model_config.get("parameters", {}).items()
     }
+
+
+def _max_active_sequences(model_config, parameters):
+    """Return the cap on sequences with state: the parameter, else one below the slots.
+
+    The sequence batcher gives at most ``max_candidate_sequences`` sequences a
+    slot and queues the rest in its backlog, unbounded. A cap one below the slot
+    count keeps a slot free in which new sequences reach this model and are
+    rejected as busy, instead of waiting in the backlog.
+    """
+    if parameters.get("max_active_sequences"):
+        return max(1, int(parameters["max_active_sequences"]))
+    batching = model_config.get("sequence_batching", {})
+    slots = int(batching.get("oldest", {}).get("max_candidate_sequences", 0) or 0)
+    return max(1, slots - 1) if slots > 1 else 1024
 
 
 def _scalar(request, name, dtype=None):
@@ -96,6 +123,13 @@ class TritonPythonModel:
         self.role = parameters["role"]
         self.idle_timeout_s = float(parameters.get("sequence_idle_timeout_s", "600"))
         self.risk_threshold = np.float32(parameters.get("risk_threshold", "0.5"))
+        self.max_active_sequences = _max_active_sequences(config, parameters)
+        self.test_delay_s = float(parameters.get("test_only_execute_delay_s", "0"))
+        if self.test_delay_s > 0:
+            pb_utils.Logger.log_warn(
+                f"{self.model_name}: test_only_execute_delay_s is "
+                f"{self.test_delay_s} s; every request is delayed (tests only)"
+            )
 
         model_path = os.path.join(
             args["model_repository"], args["model_version"], "model.onnx"
@@ -131,6 +165,12 @@ class TritonPythonModel:
         self.expired_metric = self.expired_family.Metric(
             labels={"model": self.model_name}
         )
+        self.busy_family = pb_utils.MetricFamily(
+            name="histomet_mil_sequences_rejected_busy_total",
+            description="Sequences rejected because max_active_sequences were active",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.busy_metric = self.busy_family.Metric(labels={"model": self.model_name})
         self.active_metric.set(0)
         sweep_interval_s = min(max(self.idle_timeout_s / 4.0, 0.1), 5.0)
         self.sweeper = threading.Thread(
@@ -164,6 +204,13 @@ class TritonPythonModel:
             if corrid in self.states:
                 pb_utils.Logger.log_warn(
                     f"{self.model_name}: sequence {corrid} restarted; old state dropped"
+                )
+                del self.states[corrid]
+            elif len(self.states) >= self.max_active_sequences:
+                self.busy_metric.increment(1)
+                raise ValueError(
+                    f"{BUSY_PREFIX}: {len(self.states)} slides are in progress, the "
+                    f"cap is {self.max_active_sequences}; retry the slide later"
                 )
             self.states[corrid] = _SequenceState(self.hidden_dim)
         state = self.states.get(corrid)
@@ -237,6 +284,8 @@ class TritonPythonModel:
         ]
 
     def execute(self, requests):
+        if self.test_delay_s > 0:
+            time.sleep(self.test_delay_s)
         with self.lock:
             return self._execute(requests)
 
