@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -40,8 +41,11 @@ def _pinned(client) -> str:
     return config["parameters"][spec.PARAM_PINNED_MODEL]["string_value"]
 
 
+ADMIN_KEY = "k" * 32
+
+
 @pytest.fixture
-def live(tmp_path, bundles):  # noqa: F811
+def live(tmp_path, bundles, monkeypatch):  # noqa: F811
     folder = tmp_path / "registry"
     registry = Registry(
         default_registry_uri(folder), artifact_root=folder / "artifacts"
@@ -51,7 +55,10 @@ def live(tmp_path, bundles):  # noqa: F811
     registry.promote("histomet-risk", 1, reason="first release")
     root = tmp_path / "served"
     publish(registry, "histomet-risk", "production", root)
-    server = LocalTritonServer(loopback_config(root / "current"))
+    # Model control is locked with an admin key, as in production; the switch
+    # reads it from the environment.
+    monkeypatch.setenv("HISTOMET_TRITON_ADMIN_KEY", ADMIN_KEY)
+    server = LocalTritonServer(loopback_config(root / "current", admin_key=ADMIN_KEY))
     server.start()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
@@ -130,3 +137,107 @@ def test_version_failing_on_the_server_is_not_switched(live, bundles, tmp_path):
     tiles, expected = vb.load_bundle(bundles["seed0"]).golden()
     actual = served_outputs(client, spec.ENSEMBLE_MODEL, tiles, 520)
     assert vb.compare_golden(expected, actual, atol=vb.GOLDEN_ATOL) == []
+
+
+def test_switch_without_the_admin_key_changes_nothing(live, monkeypatch):
+    registry, root, server, client = live
+    before = current_view(root)
+    monkeypatch.delenv("HISTOMET_TRITON_ADMIN_KEY")
+    with pytest.raises(RegistryError, match="could not load version 2"):
+        switch_server(registry, "histomet-risk", 2, root, server.grpc_url, reason="x")
+    assert current_view(root) == before
+    assert _pinned(client) == "histomet_v1"
+    assert registry.resolve("histomet-risk", "production").version == 1
+
+
+def test_promote_and_rollback_while_slides_stream(live, bundles):  # noqa: F811
+    """Three client threads predict continuously while the version changes twice.
+
+    No slide fails or is retried, and each slide's risk is exactly the risk
+    of the version its result names, alone: a slide scored by two versions
+    would match neither.
+    """
+    import threading
+
+    from histomet.client.predict import PredictOptions
+    from histomet.client.predict import predict_slide
+
+    from .conftest import CMU_SMALL
+
+    registry, root, server, client = live
+    options = PredictOptions(
+        url=server.grpc_url, batch_size=4, retries=0, slide_id_key=b"k" * 32
+    )
+
+    def predict_alone(number: int) -> None:
+        alone = PredictOptions(
+            url=server.grpc_url,
+            model=f"histomet_v{number}",
+            batch_size=4,
+            retries=0,
+            slide_id_key=b"k" * 32,
+        )
+        result = predict_slide(CMU_SMALL, alone)
+        solo[result["model"]["manifest_sha256"]] = result["risk"]["probability"]
+
+    solo = {}
+    predict_alone(1)
+
+    stop = threading.Event()
+    results, errors = [], []
+    lock = threading.Lock()
+
+    def predict_until_stopped() -> None:
+        while not stop.is_set():
+            try:
+                result = predict_slide(CMU_SMALL, options)
+            except Exception as error:  # every failure is a test failure
+                with lock:
+                    errors.append(repr(error))
+                return
+            with lock:
+                results.append((time.monotonic(), result))
+
+    def wait_for_more(count: int, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        target = len(results) + count
+        while len(results) < target and not errors:
+            assert time.monotonic() < deadline, "predictions stalled"
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=predict_until_stopped) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for_more(3)
+        switch_server(
+            registry, "histomet-risk", 2, root, server.grpc_url, reason="next"
+        )
+        promoted_at = time.monotonic()
+        wait_for_more(6)
+        rollback_server(
+            registry, "histomet-risk", root, server.grpc_url, reason="alert"
+        )
+        rolled_back_at = time.monotonic()
+        wait_for_more(6)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert errors == []
+    # After the rollback the view still serves version 2 beside version 1.
+    predict_alone(2)
+    assert len(set(solo.values())) == 2, "the two versions must score differently"
+    manifests = {}
+    for finished, result in results:
+        manifest = result["model"]["manifest_sha256"]
+        assert result["attempts"] == 1
+        assert result["risk"]["probability"] == solo[manifest]
+        manifests.setdefault(manifest, []).append(finished)
+    assert set(manifests) == set(solo)
+    v2 = registry.version("histomet-risk", 2).manifest_sha256
+    # Version 2 answered only between the promotion's start and the rollback.
+    assert min(manifests[v2]) > promoted_at - 240
+    assert any(promoted_at < t < rolled_back_at for t in manifests[v2])
+    events = [(e.action, e.to_version) for e in registry.history("histomet-risk")]
+    assert events == [("promote", 1), ("promote", 2), ("rollback", 1)]

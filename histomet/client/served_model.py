@@ -60,7 +60,7 @@ def _pem_path(path: Path | None, what: str) -> str | None:
 def connect(
     url: str, timeout_s: float = 10.0, tls: TlsSettings | None = None
 ) -> grpcclient.InferenceServerClient:
-    """Open a gRPC client, over TLS when ``tls`` is given, and check the server is ready."""
+    """Open a gRPC client, over TLS when ``tls`` is given, and check the server is live."""
     ssl_options = {}
     if tls is not None:
         ssl_options = {
@@ -72,17 +72,20 @@ def connect(
     try:
         client = grpcclient.InferenceServerClient(url=url, **ssl_options)
         live = client.is_server_live(client_timeout=timeout_s)
-        ready = client.is_server_ready(client_timeout=timeout_s)
     except InferenceServerException as error:
         raise ServerUnavailableError(
             f"cannot reach Triton at {url} ({_first_line(error)})",
             "start it with `histomet serve --repository DIR` or pass --url HOST:PORT",
         ) from error
-    if not live or not ready:
+    if not live:
         raise ServerUnavailableError(
-            f"Triton at {url} is {'live' if live else 'not live'} but not ready",
-            "wait until its models have loaded, then retry",
+            f"Triton at {url} is not live",
+            "wait until it has started, then retry",
         )
+    # Server readiness is not required: with strict readiness Triton reports
+    # not ready while any model loads, which includes a registry switch that
+    # loads a new version beside the serving one. describe() checks that the
+    # model the slide goes to is ready.
     return client
 
 

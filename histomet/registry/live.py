@@ -20,6 +20,7 @@ to the old view, the new models are unloaded, and the alias does not move.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from histomet.registry.version_bundle import GOLDEN_ATOL
 from histomet.registry.version_bundle import GOLDEN_CHUNK
 from histomet.registry.version_bundle import VersionBundle
 from histomet.registry.version_bundle import compare_golden
+from histomet.serve.launcher import ADMIN_KEY_ENV
+from histomet.serve.launcher import grpc_admin_headers
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -104,9 +107,31 @@ def check_golden_served(
         )
 
 
+class _AdminClient:
+    """A gRPC client whose model load and unload calls carry the admin key."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None):
+        self._client = grpcclient.InferenceServerClient(url)
+        self._headers = headers
+
+    def load_model(self, name: str) -> None:
+        self._client.load_model(name, headers=self._headers)
+
+    def unload_model(self, name: str) -> None:
+        self._client.unload_model(name, headers=self._headers)
+
+    def close(self) -> None:
+        self._client.close()
+
+
 def _version_models(version: int) -> list[str]:
     names = spec.ModelNames.versioned(version)
     return [names.encoder, names.risk, names.site, names.ensemble]
+
+
+def _admin_headers(admin_key: str | None) -> dict[str, str] | None:
+    key = admin_key or os.environ.get(ADMIN_KEY_ENV)
+    return grpc_admin_headers(key) if key else None
 
 
 def switch_server(
@@ -120,11 +145,16 @@ def switch_server(
     reason: str,
     actor: str | None = None,
     action: str = "promote",
+    admin_key: str | None = None,
 ) -> AuditEvent:
-    """Serve ``version`` on the running server at ``url``, then move ``alias`` to it."""
+    """Serve ``version`` on the running server at ``url``, then move ``alias`` to it.
+
+    ``admin_key`` (default: ``$HISTOMET_TRITON_ADMIN_KEY``) unlocks the model
+    control endpoints of a server started with one.
+    """
     before = current_view(root)
     published = publish(registry, name, str(version), root)
-    client = grpcclient.InferenceServerClient(url)
+    client = _AdminClient(url, _admin_headers(admin_key))
     new_models = _version_models(version)
     try:
         try:
@@ -190,6 +220,7 @@ def rollback_server(
     alias: str = "production",
     reason: str,
     actor: str | None = None,
+    admin_key: str | None = None,
 ) -> AuditEvent:
     """Serve the version that ``alias`` pointed at before its last move, then move it."""
     history = [e for e in registry.history(name) if e.alias == alias]
@@ -208,4 +239,5 @@ def rollback_server(
         reason=reason,
         actor=actor,
         action="rollback",
+        admin_key=admin_key,
     )
