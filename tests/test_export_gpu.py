@@ -423,3 +423,53 @@ def test_export_demo_cli_writes_the_gpu_target(tmp_path, capsys):
         folder, _, name = relative.partition("/")
         path = repository / folder / ("1/" + name if name == "model.onnx" else name)
         assert sha256_file(path) == digest, relative
+
+
+def test_any_bag_size_fits_the_tensorrt_profiles(tmp_path, tiny_export):
+    """A slide's bag never meets an engine whole: chunks stay inside both profiles.
+
+    The client caps each request at the encoder's max_batch_size, and the
+    ensemble hands each request's embeddings to the MIL models, so the MIL
+    profile's maximum must equal it. A bag of 8193 tiles (one above a common
+    engine maximum of 8192) is then pooled in chunks, and every tile is counted.
+    """
+    graphs, model_spec = tiny_export
+    options = GpuServingOptions(
+        encoder_max_batch=256, encoder_preferred_batches=(64, 128, 256)
+    )
+    write_gpu_repository(tmp_path, graphs, model_spec, options)
+    configs = load_configs(tmp_path)
+    encoder = configs[spec.ENCODER_MODEL]
+    assert encoder.max_batch_size == 256
+    accelerator = encoder.optimization.execution_accelerators
+    assert dict(accelerator.gpu_execution_accelerator[0].parameters)[
+        "trt_profile_max_shapes"
+    ] == ("tiles:256x512x512x3")
+    for name in (spec.RISK_MODEL, spec.SITE_MODEL):
+        parameters = dict(
+            configs[name]
+            .optimization.execution_accelerators.gpu_execution_accelerator[0]
+            .parameters
+        )
+        assert parameters["trt_profile_max_shapes"] == (
+            f"embedding:256x{WIDTH},projected:256x{WIDTH}"
+        )
+        assert parameters["trt_profile_min_shapes"].startswith("embedding:1x")
+
+    risk = ImplicitStateSession(tmp_path, spec.RISK_MODEL)
+    rng = np.random.default_rng(3)
+    n_tiles, chunk = 8193, encoder.max_batch_size
+    offsets = list(range(0, n_tiles, chunk))
+    for index, offset in enumerate(offsets):
+        n = min(chunk, n_tiles - offset)
+        outputs = risk.infer(
+            {
+                "embedding": rng.standard_normal((n, WIDTH)).astype(np.float32),
+                "projected": rng.standard_normal((n, WIDTH)).astype(np.float32),
+                "tile_offset": np.array([offset], np.int64),
+            },
+            start=index == 0,
+            end=index == len(offsets) - 1,
+        )
+    assert outputs["tiles_pooled_out"][0] == n_tiles
+    assert 0.0 < outputs["risk_probability"][0] < 1.0
