@@ -276,11 +276,15 @@ def test_batch_job_options_exist_in_client():
     predict = build_parser()._subparsers._group_actions[0].choices["predict"]
     for action in predict._actions:
         known.update(action.option_strings)
-    # NOTE: --manifest, --results and --shard land with the many-slide predict
-    # command; until they exist, only the other options are checked.
-    options -= {"--manifest", "--results", "--shard"} - known
-
     assert options <= known, sorted(options - known)
+    # The whole command line parses, with the index Kubernetes substitutes.
+    args = [
+        arg.replace("$(JOB_COMPLETION_INDEX)", "3")
+        for arg in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    ]
+    parsed = build_parser().parse_args(args)
+    assert parsed.shard == (3, job["spec"]["completions"])
+    assert str(parsed.results) == "/results/results-3.jsonl"
 
 
 def _http(
