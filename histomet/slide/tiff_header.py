@@ -83,6 +83,22 @@ def read_tiff_header(path: Path) -> TiffHeader | None:
     except (tifffile.TiffFileError, ValueError, OSError, IndexError) as error:
         _LOGGER.debug("not read as a TIFF: %s", type(error).__name__)
         return None
+    except _DAMAGED_TAG_ERRORS as error:
+        raise _damaged_tags(error) from error
+
+
+# What tifffile raises when a tag has the wrong type or count, so that its value
+# cannot be converted: the header is there but damaged.
+_DAMAGED_TAG_ERRORS = (TypeError, struct.error, KeyError, AttributeError)
+
+
+def _damaged_tags(error: Exception) -> SlideOpenError:
+    kind = "struct.error" if isinstance(error, struct.error) else type(error).__name__
+    return SlideOpenError(
+        f"the slide's TIFF tags are damaged: an image's tags could not be read ({kind})",
+        "Copy the slide again; if the copy is damaged too, export it again from "
+        "the scanner software",
+    )
 
 
 _TIFF_MAGICS = {
@@ -149,6 +165,8 @@ def check_tiff_complete(path: Path, display_name: str) -> None:
                     )
     except (tifffile.TiffFileError, ValueError, OSError, IndexError) as error:
         _LOGGER.debug("TIFF completeness not checked: %s", type(error).__name__)
+    except _DAMAGED_TAG_ERRORS as error:
+        raise _damaged_tags(error) from error
 
 
 def _first_bad_ifd_offset(handle, size: int) -> int | None:
