@@ -127,7 +127,7 @@ def tile_slide(path: Path, options: TilesOptions) -> tuple[dict, dict]:
     Raises a ``HistometError`` subclass for a slide that cannot be read.
     """
     from histomet.client.native_output import active_monitor
-    from histomet.client.predict import slide_id
+    from histomet.client import identity
 
     started = time.perf_counter()
     display_name = str(path) if options.show_paths else "the slide"
@@ -175,7 +175,7 @@ def tile_slide(path: Path, options: TilesOptions) -> tuple[dict, dict]:
         "status": "ok" if grid.n_tiles else "no_tissue",
         "message": None if grid.n_tiles else _no_tissue_message(options),
         "slide": {
-            "id": slide_id(path),
+            "id": identity.slide_id(path, identity.load_key()),
             "reader": info.reader,
             "vendor": info.vendor,
             "dimensions": list(info.dimensions),
