@@ -298,10 +298,10 @@ def _registry(args: argparse.Namespace) -> int:
             event = registry.rollback(
                 args.name, alias=args.alias, reason=args.reason, actor=args.actor
             )
-        source = "-" if event.from_version is None else f"v{event.from_version}"
+        source = "none" if event.from_version is None else f"v{event.from_version}"
         print(
-            f"histomet: {event.action}: {event.name} {event.alias} {source} -> "
-            f"v{event.to_version}"
+            f"histomet: {event.action}: {event.name} alias {event.alias} moved from "
+            f"{source} to v{event.to_version}"
         )
     elif args.action == "publish":
         view = publish(
@@ -401,6 +401,12 @@ def _export_bundle(args: argparse.Namespace) -> int:
 
     from histomet.export.demo import export_demo_graphs_with_report
     from histomet.registry.version_bundle import write_bundle
+
+    if args.bundle.exists():
+        raise UsageError(
+            f"bundle folder {args.bundle} already exists",
+            "bundles are immutable; give a new folder",
+        )
 
     with tempfile.TemporaryDirectory(prefix="histomet-export-") as temporary:
         work_dir = args.work_dir or Path(temporary)

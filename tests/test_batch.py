@@ -94,6 +94,35 @@ def test_manifest_paths_relative_to_its_folder(tmp_path):
     ]
 
 
+def test_repeated_rows_are_one_slide(tmp_path, caplog):
+    slides = make_slide_folder(tmp_path / "data", ["x.svs", "y.svs"])
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("path\nx.svs\ny.svs\nx.svs\n./y.svs\nx.svs\n")
+
+    inputs = expand_inputs([slides[0]], manifest)
+
+    assert [item.path.name for item in inputs] == ["x.svs", "y.svs"]
+    assert [item.row for item in inputs] == [0, 1]
+    assert "4 input rows repeat an earlier slide" in caplog.text
+
+
+def test_results_file_cannot_be_an_input(tmp_path):
+    slides = make_slide_folder(tmp_path / "data", ["x.svs", "y.svs"])
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("path\nx.svs\n")
+    before = slides[1].read_bytes()
+    for args in (
+        [str(slides[1]), "--results", str(slides[1])],
+        [str(tmp_path / "data"), "--results", str(slides[0])],
+        ["--manifest", str(manifest), "--results", str(manifest)],
+    ):
+        completed = run_client("predict", *args)
+        assert completed.returncode == 2, args
+        assert "--results points at an input slide or the manifest" in completed.stderr
+    assert slides[1].read_bytes() == before
+    assert manifest.read_text() == "path\nx.svs\n"
+
+
 def test_shards_cover_input_exactly_once():
     inputs = [SlideInput(row, Path(f"{row}.svs"), f"{row}.svs") for row in range(23)]
     for count in (1, 2, 3, 5, 23, 40):

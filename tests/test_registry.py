@@ -387,7 +387,7 @@ def test_registry_cli_round_trip(tmp_path, bundles, capsys, monkeypatch):
     assert main([*base, "register", "histomet-risk", str(bundles["seed0"])]) == 0
     assert "registered histomet-risk version 1" in capsys.readouterr().out
     assert main([*base, "promote", "histomet-risk", "1", "--reason", "go"]) == 0
-    assert "production - -> v1" in capsys.readouterr().out
+    assert "alias production moved from none to v1" in capsys.readouterr().out
     assert main([*base, "verify", "histomet-risk", "production"]) == 0
     assert "golden outputs reproduce" in capsys.readouterr().out
     assert main([*base, "list", "histomet-risk"]) == 0
@@ -402,6 +402,26 @@ def test_registry_cli_round_trip(tmp_path, bundles, capsys, monkeypatch):
     assert "no earlier production version" in capsys.readouterr().err
     assert main([*base, "register", "../x", str(bundles["seed0"])]) == 2
     assert "invalid model name '../x'" in capsys.readouterr().err
+    assert main([*base, "register", "other", str(tmp_path)]) == 6
+    assert "is not a version bundle" in capsys.readouterr().err
+    port = free_port()
+    code = main(
+        [
+            *base,
+            "promote",
+            "histomet-risk",
+            "1",
+            "--reason",
+            "x",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--root",
+            str(root),
+        ]
+    )
+    assert code == 6
+    assert f"cannot reach Triton at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert len(list((root / "views").iterdir())) == 1
     # The artifacts sit beside the database, not in the working folder.
     assert (tmp_path / "registry" / "artifacts").is_dir()
     assert not (tmp_path / "mlruns").exists()
@@ -410,7 +430,8 @@ def test_registry_cli_round_trip(tmp_path, bundles, capsys, monkeypatch):
 def test_export_bundle_cli_keeps_a_parity_report(tmp_path, shared_slides, capsys):
     from histomet.cli import main
 
-    bundle_path = tmp_path / "bundle"
+    # The bundle's parent folder does not exist yet; export creates it.
+    bundle_path = tmp_path / "work" / "bundle"
     slide = shared_slides / "CMU-1-Small-Region.svs"
     code = main(
         [
@@ -438,3 +459,6 @@ def test_export_bundle_cli_keeps_a_parity_report(tmp_path, shared_slides, capsys
         assert report[name]["opset"] == 18
     assert main(["export", "demo", "--encoder", "tiny"]) == 2
     assert "exactly one of --repository and --bundle" in capsys.readouterr().err
+    again = ["export", "demo", "--encoder", "tiny", "--bundle", str(bundle_path)]
+    assert main(again) == 2
+    assert "already exists" in capsys.readouterr().err

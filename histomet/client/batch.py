@@ -160,9 +160,23 @@ def expand_inputs(slides: list[Path], manifest: Path | None) -> list[SlideInput]
     expanded: list[tuple[Path, str]] = []
     for path, listed_as in listed:
         expanded += _expand(path, listed_as)
+    # A slide listed twice is predicted once: its repeats would share a resume
+    # key, so a rerun could not tell which of them had finished.
+    seen: set[str] = set()
+    unique: list[tuple[Path, str]] = []
+    for path, listed_as in expanded:
+        real = os.path.abspath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append((path, listed_as))
+    if len(unique) < len(expanded):
+        _LOGGER.warning(
+            "%d input rows repeat an earlier slide; each slide is predicted once",
+            len(expanded) - len(unique),
+        )
     return [
         SlideInput(row=row, path=path, listed_as=listed_as)
-        for row, (path, listed_as) in enumerate(expanded)
+        for row, (path, listed_as) in enumerate(unique)
     ]
 
 

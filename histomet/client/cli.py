@@ -645,6 +645,17 @@ def _predict_batch(args: argparse.Namespace, options) -> int:
                 f"--results folder {args.results.parent} does not exist",
                 "create it first",
             )
+        if args.results.exists():
+            # Appending to an input would damage a slide or the manifest.
+            inputs_given = [item.path for item in inputs]
+            if args.manifest is not None:
+                inputs_given.append(args.manifest)
+            for given in inputs_given:
+                if given.is_file() and args.results.samefile(given):
+                    raise UsageError(
+                        "--results points at an input slide or the manifest",
+                        "give a new file path for the results",
+                    )
     results = None if args.results is None or str(args.results) == "-" else args.results
     batch_options = BatchOptions(
         results=results,

@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 from histomet import spec
 from histomet.errors import ModelConfigError
 from histomet.errors import ServerUnavailableError
+from histomet.errors import UsageError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _pem_path(path: Path | None, what: str) -> str | None:
     if path is None:
         return None
     if not path.is_file():
-        raise ServerUnavailableError(
+        raise UsageError(
             f"{what} file not found: {path}", "give the path of a PEM file"
         )
     return str(path)

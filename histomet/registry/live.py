@@ -124,6 +124,24 @@ class _AdminClient:
         self._client.close()
 
 
+def _check_reachable(url: str) -> None:
+    """Raise ``RegistryError`` unless a live Triton server answers at ``url``."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        live = client.is_server_live(client_timeout=10)
+    except InferenceServerException as error:
+        raise RegistryError(
+            f"cannot reach Triton at {url} ({str(error).splitlines()[0]})",
+            "start the server on ROOT/current, or pass its gRPC address to --server",
+        ) from error
+    finally:
+        client.close()
+    if not live:
+        raise RegistryError(
+            f"Triton at {url} is not live", "wait until it has started, then retry"
+        )
+
+
 def _version_models(version: int) -> list[str]:
     names = spec.ModelNames.versioned(version)
     return [names.encoder, names.risk, names.site, names.ensemble]
@@ -152,6 +170,7 @@ def switch_server(
     ``admin_key`` (default: ``$HISTOMET_TRITON_ADMIN_KEY``) unlocks the model
     control endpoints of a server started with one.
     """
+    _check_reachable(url)
     before = current_view(root)
     published = publish(registry, name, str(version), root)
     client = _AdminClient(url, _admin_headers(admin_key))

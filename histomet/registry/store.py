@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import os
 import logging
 import re
 import tempfile
@@ -124,6 +125,9 @@ class Registry:
     """HistoMet model versions in an MLflow registry."""
 
     def __init__(self, uri: str, *, artifact_root: Path | None = None):
+        # MLflow draws a progress bar for every artifact download; command
+        # output should be the registry's own lines.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow import MlflowClient
 
         self.uri = uri
@@ -152,7 +156,10 @@ class Registry:
         artifact must map to one version.
         """
         check_model_name(name)
-        bundle = load_bundle(bundle_path)
+        try:
+            bundle = load_bundle(bundle_path)
+        except BundleError as error:
+            raise RegistryError(error.message, error.hint) from error
         for existing in self.versions(name, missing_ok=True):
             if existing.bundle_sha256 == bundle.digest:
                 raise RegistryError(

@@ -213,6 +213,7 @@ def write_bundle(
         )
     checked_graph_dims(graphs)
     _check_preprocessing(asdict(spec_))
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=target.parent))
     try:
         for key, relative in GRAPH_FILES.items():
