@@ -25,6 +25,7 @@ from pathlib import Path
 
 from histomet import spec
 from histomet.arguments import OneLineErrorParser
+from histomet.arguments import seed
 from histomet.arguments import port_number
 from histomet.arguments import positive_float
 from histomet.errors import HistometError
@@ -35,16 +36,6 @@ from histomet.model_commands import add_model_commands
 from histomet.model_commands import run_model_command
 
 _LOGGER = logging.getLogger(__name__)
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"seed must be 0 to 2**32-1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scaled down, for tests (default: full)",
     )
     demo.add_argument(
-        "--seed", type=_seed, default=0, help="weight seed, 0 to 2**32-1 (default: 0)"
+        "--seed", type=seed, default=0, help="weight seed, 0 to 2**32-1 (default: 0)"
     )
     demo.add_argument(
         "--target",

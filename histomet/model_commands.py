@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from histomet.arguments import OneLineErrorParser
+from histomet.arguments import seed
 from histomet.arguments import positive_float
 from histomet.arguments import positive_int
 from histomet.errors import InputError
@@ -31,16 +32,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not (0.0 < value <= 1.0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"seed must be 0 to 2**32-1, got {value}")
     return value
 
 
@@ -65,7 +56,7 @@ def add_export_kinds(export_kinds: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="encoder folder to write"
     )
     encoder.add_argument(
-        "--seed", type=_seed, default=0, help="weight seed of --demo (default: 0)"
+        "--seed", type=seed, default=0, help="weight seed of --demo (default: 0)"
     )
     encoder.add_argument(
         "--target-mpp",
@@ -185,7 +176,7 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
         "the packaged list)",
     )
     train.add_argument("--folds", type=positive_int, default=5, help="default: 5")
-    train.add_argument("--seed", type=_seed, default=0, help="default: 0")
+    train.add_argument("--seed", type=seed, default=0, help="default: 0")
     train.add_argument(
         "--sensitivity-target", type=_fraction, default=0.95, help="default: 0.95"
     )

@@ -57,6 +57,26 @@ def registry(tmp_path) -> Registry:
     return Registry(default_registry_uri(folder), artifact_root=folder / "artifacts")
 
 
+def write_tampered_bundle(source: Path, target: Path, risk_delta: float) -> Path:
+    """Copy a bundle with its golden risk shifted and its checksums made consistent.
+
+    A broken export would write such a bundle: every file matches bundle.json,
+    but the golden outputs are not what the graphs compute.
+    """
+    shutil.copytree(source, target)
+    outputs = dict(np.load(target / vb.GOLDEN_OUTPUTS))
+    outputs[spec.RISK_PROBABILITY] = outputs[spec.RISK_PROBABILITY] + np.float32(
+        risk_delta
+    )
+    np.savez(target / vb.GOLDEN_OUTPUTS, **outputs)
+    document = json.loads((target / vb.BUNDLE_FILE).read_text())
+    document["files_sha256"][vb.GOLDEN_OUTPUTS] = vb.sha256_file(
+        target / vb.GOLDEN_OUTPUTS
+    )
+    (target / vb.BUNDLE_FILE).write_text(json.dumps(document))
+    return target
+
+
 def _stored_artifact(registry: Registry, name: str, version: int) -> Path:
     """Return the local folder where the SQLite registry keeps a version's bundle."""
     info = registry.version(name, version)
@@ -194,19 +214,7 @@ def test_flipped_byte_is_rejected_everywhere(registry, bundles, tmp_path):
 
 
 def test_version_failing_its_golden_check_is_not_promoted(registry, bundles, tmp_path):
-    # A bundle whose checksums are consistent but whose golden outputs are not
-    # what its graphs compute, as a broken export would write.
-    tampered = tmp_path / "tampered"
-    shutil.copytree(bundles["seed0"], tampered)
-    outputs = dict(np.load(tampered / vb.GOLDEN_OUTPUTS))
-    outputs[spec.RISK_PROBABILITY] = outputs[spec.RISK_PROBABILITY] + np.float32(0.01)
-    np.savez(tampered / vb.GOLDEN_OUTPUTS, **outputs)
-    document = json.loads((tampered / vb.BUNDLE_FILE).read_text())
-    document["files_sha256"][vb.GOLDEN_OUTPUTS] = vb.sha256_file(
-        tampered / vb.GOLDEN_OUTPUTS
-    )
-    (tampered / vb.BUNDLE_FILE).write_text(json.dumps(document))
-
+    tampered = write_tampered_bundle(bundles["seed0"], tmp_path / "tampered", 0.01)
     registry.register("histomet-risk", bundles["seed1"])
     registry.promote("histomet-risk", 1, reason="release")
     registry.register("histomet-risk", tampered)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
@@ -27,6 +24,7 @@ from histomet.serve.launcher import LocalTritonServer  # noqa: E402
 
 from .conftest import loopback_config  # noqa: E402
 from .test_registry import bundles  # noqa: E402, F401
+from .test_registry import write_tampered_bundle  # noqa: E402
 
 
 def _ready(client, model: str) -> bool:
@@ -112,17 +110,7 @@ def test_switch_and_rollback_on_a_running_server(live, bundles):  # noqa: F811
 
 def test_version_failing_on_the_server_is_not_switched(live, bundles, tmp_path):  # noqa: F811
     registry, root, server, client = live
-    # Checksums consistent, golden outputs wrong: a broken export.
-    tampered = tmp_path / "tampered"
-    shutil.copytree(bundles["seed1"], tampered)
-    outputs = dict(np.load(tampered / vb.GOLDEN_OUTPUTS))
-    outputs[spec.RISK_PROBABILITY] = outputs[spec.RISK_PROBABILITY] + np.float32(0.5)
-    np.savez(tampered / vb.GOLDEN_OUTPUTS, **outputs)
-    document = json.loads((tampered / vb.BUNDLE_FILE).read_text())
-    document["files_sha256"][vb.GOLDEN_OUTPUTS] = vb.sha256_file(
-        tampered / vb.GOLDEN_OUTPUTS
-    )
-    (tampered / vb.BUNDLE_FILE).write_text(json.dumps(document))
+    tampered = write_tampered_bundle(bundles["seed1"], tmp_path / "tampered", 0.5)
     info = registry.register("histomet-risk", tampered)
     before = current_view(root)
 
