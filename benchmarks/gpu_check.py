@@ -261,7 +261,7 @@ def _time_runs(run: Callable[[], object], repeats: int = 3) -> float:
 
 
 def check_encoder(report: StepReport) -> None:
-    """The full-size encoder on the GPU: torch eager, ONNX Runtime CUDA and TensorRT.
+    """Time the full-size encoder on the GPU: torch eager, ONNX Runtime CUDA and TensorRT.
 
     Exports the demo ViT-B/16 to ONNX, then times each runtime that is present
     on the same tiles against torch eager and checks its embeddings against

@@ -268,7 +268,7 @@ def test_out_of_order_chunk_poisons_the_tile_count(gpu_repository):
     assert risk.infer(chunk(2, 0), start=True, end=True)["tiles_pooled_out"][0] == 2
 
 
-def test_site_probabilities_only_at_the_end_of_a_high_risk_slide(gpu_repository):
+def test_site_gate_needs_end_and_high_risk(gpu_repository):
     site = ImplicitStateSession(gpu_repository, spec.SITE_MODEL)
     rng = np.random.default_rng(1)
     features = {

@@ -28,6 +28,8 @@ import sys
 import threading
 from collections.abc import Iterable
 
+from histomet.errors import SlideReadError
+
 _LOGGER = logging.getLogger(__name__)
 
 PLACEHOLDER = "<slide>"
@@ -187,3 +189,18 @@ class NativeOutputMonitor:
         self.barrier()
         with self._condition:
             return [line for line in self.lines[mark:] if DECODE_ERROR.search(line)]
+
+
+def check_decode_errors(
+    monitor: NativeOutputMonitor | None, mark: int, display_name: str, hint: str
+) -> None:
+    """Raise ``SlideReadError`` if a native reader reported a decode error since ``mark``."""
+    if monitor is None:
+        return
+    errors = monitor.decode_errors_since(mark)
+    if errors:
+        raise SlideReadError(
+            f"the slide reader reported {len(errors)} decode errors in {display_name}, "
+            f"first: {errors[0]!r}",
+            hint,
+        )

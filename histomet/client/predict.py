@@ -26,6 +26,7 @@ from histomet.client import metrics
 from histomet.client.interpret import TileMaps
 from histomet.client.native_output import NativeOutputMonitor
 from histomet.client.native_output import active_monitor
+from histomet.client.native_output import check_decode_errors
 import tritonclient.grpc as grpcclient
 
 from histomet.client.served_model import ServedModel
@@ -44,7 +45,6 @@ from histomet.errors import InputError
 from histomet.errors import ModelConfigError
 from histomet.errors import ServerUnavailableError
 from histomet.errors import SlideNotFoundError
-from histomet.errors import SlideReadError
 from histomet.slide import Slide
 from histomet.slide import TileGrid
 from histomet.slide import TissueMask
@@ -138,15 +138,12 @@ def _check_decode_errors(
     monitor: NativeOutputMonitor | None, mark: int, display_name: str
 ) -> None:
     """Raise if a native reader reported a decode error since ``mark``."""
-    if monitor is None:
-        return
-    errors = monitor.decode_errors_since(mark)
-    if errors:
-        raise SlideReadError(
-            f"the slide reader reported {len(errors)} decode errors in {display_name}, "
-            f"first: {errors[0]!r}",
-            "the file is corrupt or truncated; no prediction was made",
-        )
+    check_decode_errors(
+        monitor,
+        mark,
+        display_name,
+        "the file is corrupt or truncated; no prediction was made",
+    )
 
 
 def _no_tissue_result(

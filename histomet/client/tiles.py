@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histomet.client.native_output import NativeOutputMonitor
+from histomet.client.native_output import check_decode_errors
 from histomet.errors import InputError
 from histomet.errors import SlideNotFoundError
-from histomet.errors import SlideReadError
 from histomet.slide import iter_tile_batches
 from histomet.slide import open_slide
 from histomet.slide import plan_slide_tiles
@@ -218,15 +218,7 @@ def _no_tissue_message(options: TilesOptions) -> str:
 def _check_decode_errors(
     monitor: NativeOutputMonitor | None, mark: int, display_name: str
 ) -> None:
-    if monitor is None:
-        return
-    errors = monitor.decode_errors_since(mark)
-    if errors:
-        raise SlideReadError(
-            f"the slide reader reported {len(errors)} decode errors in {display_name}, "
-            f"first: {errors[0]!r}",
-            "the file is corrupt or truncated",
-        )
+    check_decode_errors(monitor, mark, display_name, "the file is corrupt or truncated")
 
 
 def format_tiles_summary(report: dict) -> str:

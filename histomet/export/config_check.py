@@ -2,7 +2,7 @@
 
 Triton loads each ``config.pbtxt`` into its ``ModelConfig`` message; parsing with
 the same message (from tritonclient) catches a misspelt field or a wrong enum
-before a server ever sees the file. The wiring check follows the ensemble's steps
+before a server loads the file. The wiring check follows the ensemble's steps
 in order and checks that every tensor a step reads exists by then, with the
 data type and shape the model declares.
 """
@@ -32,7 +32,7 @@ def load_configs(repository: Path) -> dict[str, mc.ModelConfig]:
             ) from error
         if config.name and config.name != path.parent.name:
             raise ExportError(
-                f"model folder {path.parent.name!r} holds a config named {config.name!r}",
+                f"model folder {path.parent.name!r} contains a config named {config.name!r}",
                 "name the folder after the model",
             )
         configs[path.parent.name] = config
@@ -53,11 +53,11 @@ def _shapes_agree(a: list[int], b: list[int]) -> bool:
 def check_ensemble(configs: dict[str, mc.ModelConfig], ensemble: str) -> None:
     """Raise ``ExportError`` unless the ensemble's steps line up end to end.
 
-    Checks, for each step in order: the model exists; every model input is fed;
-    every tensor it reads is an ensemble input or an earlier step's output of
-    the same data type and a compatible shape; every output it maps exists in
-    the model. Then every ensemble output must be produced with its declared
-    type and shape.
+    For each step in order, the model must exist and every model input must be
+    fed. Every tensor a step reads must be an ensemble input or an earlier
+    step's output, with the same data type and a compatible shape. Every output
+    it maps must exist in the model. Then every ensemble output must be
+    produced with its declared type and shape.
     """
     if ensemble not in configs:
         raise ExportError(f"repository has no model {ensemble!r}", "export it again")

@@ -456,7 +456,7 @@ def write_gpu_repository(
 
     Returns the spec with ``manifest_sha256`` filled in. With the ``tensorrt-plan``
     backend the encoder folder contains the ONNX graph and the ``trtexec`` command
-    in ``build_plan.json``; the plan itself is built on the serving GPU.
+    in ``build_plan.json``, because the plan itself is built on the serving GPU.
     """
     # NOTE: this repository has not been loaded by the NGC tritonserver yet. The
     # tests check its configs with Triton's protobuf and its graphs with ONNX
