@@ -94,16 +94,22 @@ def test_manifest_paths_relative_to_its_folder(tmp_path):
     ]
 
 
-def test_repeated_rows_are_one_slide(tmp_path, caplog):
+def test_repeated_rows_are_predicted_once(tmp_path, caplog):
     slides = make_slide_folder(tmp_path / "data", ["x.svs", "y.svs"])
     manifest = tmp_path / "data" / "manifest.csv"
     manifest.write_text("path\nx.svs\ny.svs\nx.svs\n./y.svs\nx.svs\n")
 
     inputs = expand_inputs([slides[0]], manifest)
 
-    assert [item.path.name for item in inputs] == ["x.svs", "y.svs"]
-    assert [item.row for item in inputs] == [0, 1]
-    assert "4 input rows repeat an earlier slide" in caplog.text
+    # Only exact repeats go: the same file listed another way keeps its row.
+    assert [item.listed_as for item in inputs] == [
+        str(slides[0]),
+        "x.svs",
+        "y.svs",
+        "./y.svs",
+    ]
+    assert [item.row for item in inputs] == [0, 1, 2, 3]
+    assert "2 input rows repeat an earlier row" in caplog.text
 
 
 def test_results_file_cannot_be_an_input(tmp_path):

@@ -160,18 +160,18 @@ def expand_inputs(slides: list[Path], manifest: Path | None) -> list[SlideInput]
     expanded: list[tuple[Path, str]] = []
     for path, listed_as in listed:
         expanded += _expand(path, listed_as)
-    # A slide listed twice is predicted once: its repeats would share a resume
-    # key, so a rerun could not tell which of them had finished.
-    seen: set[str] = set()
+    # A row that repeats an earlier row exactly is predicted once: the repeats
+    # would share a resume key, so a rerun could not tell which had finished.
+    seen: set[tuple[str, str]] = set()
     unique: list[tuple[Path, str]] = []
     for path, listed_as in expanded:
-        real = os.path.abspath(path)
-        if real not in seen:
-            seen.add(real)
+        row_identity = (os.path.abspath(path), listed_as)
+        if row_identity not in seen:
+            seen.add(row_identity)
             unique.append((path, listed_as))
     if len(unique) < len(expanded):
         _LOGGER.warning(
-            "%d input rows repeat an earlier slide; each slide is predicted once",
+            "%d input rows repeat an earlier row; each is predicted once",
             len(expanded) - len(unique),
         )
     return [
