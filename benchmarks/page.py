@@ -85,7 +85,12 @@ def encoder_section(full: dict) -> list[str]:
     return [
         "## Encoder on the CPU target",
         "",
-        f"Full-size demo encoder (ViT-B/16, width {config.width}, depth {config.depth}, "
+        (
+            "Full-size demo encoder (ViT-B/16, "
+            if full["encoder"] == "full"
+            else f"Tiny demo encoder (ViT, patch {config.patch_px}, "
+        )
+        + f"width {config.width}, depth {config.depth}, "
         f"{config.image_px} px after the in-graph resize from {config.input_tile_px} px "
         f"tiles), {n} tiles, batch {full['batch_size']}.",
         "",

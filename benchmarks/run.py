@@ -16,7 +16,11 @@ times on a shared machine are noise:
 
 Usage::
 
-    python benchmarks/run.py [--repeats N] [--batch-size N] [--large-px PX] [--quick]
+    python benchmarks/run.py [--encoder full|tiny] [--repeats N] [--batch-size N]
+                             [--large-px PX] [--skip variants memory]
+
+``--encoder tiny`` swaps the tiny tower into the encoder, serving and overlap
+sections, for a quick check of the script; the page's figures use ``full``.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ def start_server(repository: Path, log_path: Path):
 
 
 def measure_full_encoder(args, work: Path) -> dict:
-    """Encoder, serving overhead and overlap with the full encoder, default serving."""
+    """Measure the encoder, serving overhead and overlap with default serving options."""
     import torch
     from measure import matmul_gflops
     from measure import queue_figures
@@ -125,12 +129,12 @@ def measure_full_encoder(args, work: Path) -> dict:
     from histomet.export.repository import write_repository
     from histomet.models.encoder import build_demo_encoder
 
-    graphs, model_spec = export_demo_graphs(work / "graphs-full", encoder="full")
+    graphs, model_spec = export_demo_graphs(work / "graphs-full", encoder=args.encoder)
     repository = work / "repository-full"
     write_repository(repository, graphs, model_spec)
     tiles = read_tiles(args.slide, model_spec)
     batch_size = min(args.batch_size, model_spec.encoder_max_batch)
-    config = demo_encoder_config("full")
+    config = demo_encoder_config(args.encoder)
     encoder = build_demo_encoder(config, seed=0)
     torch.set_num_threads(os.cpu_count() or 1)
     session = onnx_session(graphs.encoder)
@@ -156,6 +160,7 @@ def measure_full_encoder(args, work: Path) -> dict:
         "model_spec": model_spec,
         "tiles": tiles,
         "batch_size": batch_size,
+        "encoder": args.encoder,
         "config": config,
         "gflop_per_tile": vit_gflops_per_tile(config),
         "matmul_gflops": statistics.median(matmul),
@@ -257,6 +262,7 @@ def measure_memory(args, work: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", choices=("full", "tiny"), default="full")
     parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant-repeats", type=int, default=2)
