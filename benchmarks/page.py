@@ -155,14 +155,19 @@ def serving_section(full: dict, variants: list[dict] | None) -> tuple[list[str],
     return lines, ratio
 
 
-def excess_note(excess: float, start_excess: float) -> list[str]:
+def excess_note(excess: float, start_excess: float, merged: bool) -> list[str]:
     """Explain the stream time over the bound, or why there is none."""
-    if excess <= 0:
+    if excess <= 0 and merged:
         return [
             "The stream took no longer than its slower half timed alone. The server's "
-            "dynamic batcher merges the client's in-flight requests into larger "
-            "batches than the in-process baseline runs (see executed batches above), "
-            "and a larger batch runs faster per tile on this CPU."
+            "dynamic batcher merged the client's in-flight requests into larger "
+            "batches than the in-process baseline runs (see executed batches above)."
+        ]
+    if excess <= 0:
+        return [
+            "The stream took no longer than its slower half timed alone. The server "
+            "ran one batch per request, so the in-process half, timed at another "
+            "moment on the shared cores, ran slower than inference inside the stream."
         ]
     return [
         f"Time over the bound: {excess:.2f} s. Of it, {start_excess:.2f} s is the wait "
@@ -201,7 +206,7 @@ def overlap_section(full: dict) -> tuple[list[str], float]:
         f"| slide end to end (open, tissue, tiling, stream) | {full['total_s']:.2f} s | "
         f"stream {full['stream_s']:.2f} s | {full['total_s'] / full['stream_s']:.3f} |",
         "",
-        *excess_note(excess, start_excess),
+        *excess_note(excess, start_excess, full["executions"] < full["requests"]),
         "",
     ]
     return lines, ratio
@@ -236,7 +241,10 @@ def memory_section(memory: dict | None) -> tuple[list[str], float | None, float 
         "high-water mark (VmHWM); the server figure sums tritonserver and its Python "
         "backend stubs. The small slide has enough tiles to fill the client's "
         "pipeline (the batch being read and the requests in flight), so the two "
-        "slides differ only in how long that steady state lasts.",
+        "slides differ only in how long that steady state lasts. With the tiny encoder "
+        "tile reading bounds the pipeline, so the overlap column measures how close "
+        "the stream comes to reading alone; the overlap goal above uses the full "
+        "encoder.",
         "",
         "| slide | size | tiles | client peak MiB | server MiB after warm-up → peak | "
         "overlap | queue time / requests |",
