@@ -53,7 +53,7 @@ def test_level_downsamples_stop_at_small_level() -> None:
 
 def test_vit_b16_flop_counts() -> None:
     config = demo_encoder_config("full")
-    # ViT-B/16 at 224 px is 17.6 GMAC in the literature (DeiT, timm).
+    # ViT-B/16 at 224 px is commonly quoted at 17.6 G multiply-adds.
     at_224 = vit_gflops_per_tile(type(config)(image_px=224, input_tile_px=224))
     assert at_224 == pytest.approx(2 * 17.6, rel=0.01)
     assert vit_gflops_per_tile(config) == pytest.approx(157.0, rel=0.01)
