@@ -1,25 +1,33 @@
-"""Measure the cpu target end to end and write ``docs/benchmarks.md``.
+"""Run every cpu-target benchmark and write ``docs/benchmarks.md``.
 
-Each figure is compared with its baseline in the same run, on the same tiles and
-the same threads, because absolute times on a shared machine are noise:
+One command regenerates the whole page. Each figure is compared with its baseline
+measured in the same run, on the same tiles and the same threads, because absolute
+times on a shared machine are noise:
 
-* serving overhead: tiles/s through the Triton ensemble (gRPC stream, uint8
-  tiles, one sequence) divided by tiles/s of ONNX Runtime in-process on the same
-  encoder graph and the same tiles;
-* runtime: ONNX Runtime in-process divided by torch eager, same tiles and batch;
-* overlap: slide wall time divided by max(tile reading time, in-process
-  inference time); a perfect pipeline scores 1.0.
+* encoder: ONNX Runtime in-process tiles/s against torch eager, with the FLOP per
+  tile against the measured float32 matmul rate of the cores;
+* serving overhead: tiles/s through the Triton ensemble against ONNX Runtime
+  in-process, for the default serving options and each tuning variant;
+* overlap: slide stream time divided by max(tile reading, in-process inference),
+  both halves timed apart on the same slide, with the first response, the
+  remainder and Triton's queue time;
+* constant memory: client and server peak RSS for a large synthetic slide against
+  a small one, with the tiny encoder.
 
 Usage::
 
-    python benchmarks/run.py [--encoder full|tiny] [--slide PATH] [--repeats N]
+    python benchmarks/run.py [--encoder full|tiny] [--repeats N] [--batch-size N]
+                             [--large-px PX] [--skip variants memory]
+
+``--encoder tiny`` swaps the tiny tower into the encoder, serving and overlap
+sections, for a quick check of the script; the page's figures use ``full``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,35 +36,37 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 DEFAULT_SLIDE = ROOT.parent / "shared" / "slides" / "CMU-1-Small-Region.svs"
 
+from page import write_page  # noqa: E402
 
-def read_tiles(slide_path: Path, tile_px: int, target_mpp: float, min_fraction: float):
+
+def read_tiles(slide_path: Path, model_spec) -> np.ndarray:
+    """Read every tissue tile of a slide into memory, as the client would send them."""
     from histomet.slide import iter_tile_batches
     from histomet.slide import open_slide
     from histomet.slide import plan_slide_tiles
 
-    started = time.perf_counter()
     with open_slide(slide_path) as slide:
         _, grid = plan_slide_tiles(
             slide,
-            tile_px=tile_px,
-            target_mpp=target_mpp,
-            min_tissue_fraction=min_fraction,
+            tile_px=model_spec.tile_px,
+            target_mpp=model_spec.target_mpp,
+            min_tissue_fraction=model_spec.min_tissue_fraction,
         )
-        tiles = np.concatenate(
-            [batch.tiles for batch in iter_tile_batches(slide, grid, 64)]
-        )
-    return tiles, time.perf_counter() - started
+        return np.concatenate([b.tiles for b in iter_tile_batches(slide, grid, 64)])
 
 
-def onnx_session(model_path: Path):
+def onnx_session(model_path: Path, intra_op_threads: int = 0):
     """Open the encoder with the session options that the served model uses."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.inter_op_num_threads = 1
+    options.intra_op_num_threads = intra_op_threads
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = onnxruntime.InferenceSession(
         str(model_path), options, providers=["CPUExecutionProvider"]
@@ -91,46 +101,163 @@ def predict_served(slide_path: Path, url: str, batch_size: int) -> dict:
     return predict_slide(slide_path, PredictOptions(url=url, batch_size=batch_size))
 
 
-def versions() -> dict[str, str]:
-    import onnxruntime
-    import torch
-    from importlib.metadata import version
+def start_server(repository: Path, log_path: Path):
+    from histomet.serve.launcher import LocalTritonServer
+    from histomet.serve.launcher import ServerConfig
+    from histomet.serve.launcher import free_port
 
+    config = ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+    )
+    return LocalTritonServer(config, log_path=log_path)
+
+
+def measure_full_encoder(args, work: Path) -> dict:
+    """Measure the encoder, serving overhead and overlap with default serving options."""
+    import torch
+    from measure import matmul_gflops
+    from measure import queue_figures
+    from measure import scrape_metrics
+    from measure import time_halves
+    from measure import vit_gflops_per_tile
+
+    from histomet.export.demo import demo_encoder_config
+    from histomet.export.demo import export_demo_graphs
+    from histomet.export.repository import write_repository
+    from histomet.models.encoder import build_demo_encoder
+
+    graphs, model_spec = export_demo_graphs(work / "graphs-full", encoder=args.encoder)
+    repository = work / "repository-full"
+    write_repository(repository, graphs, model_spec)
+    tiles = read_tiles(args.slide, model_spec)
+    batch_size = min(args.batch_size, model_spec.encoder_max_batch)
+    config = demo_encoder_config(args.encoder)
+    encoder = build_demo_encoder(config, seed=0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    session = onnx_session(graphs.encoder)
+
+    onnx_s, torch_s, served, halves, queues, matmul = [], [], [], [], [], []
+    with start_server(repository, work / "server-full.log") as server:
+        predict_served(args.slide, server.grpc_url, batch_size)  # warm-up
+        # Interleaved, so a change in machine load hits every variant alike.
+        for _ in range(args.repeats):
+            matmul.append(matmul_gflops())
+            onnx_s.append(time_onnxruntime(session, tiles, batch_size))
+            before = scrape_metrics(server.metrics_url)
+            served.append(predict_served(args.slide, server.grpc_url, batch_size))
+            queues.append(
+                queue_figures(
+                    before, scrape_metrics(server.metrics_url), "patch_encoder"
+                )
+            )
+            halves.append(time_halves(args.slide, session, model_spec, batch_size))
+            torch_s.append(time_torch(encoder, tiles, batch_size))
     return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__,
-        "tritonclient": version("tritonclient"),
-        "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)",
+        "graphs": graphs,
+        "model_spec": model_spec,
+        "tiles": tiles,
+        "batch_size": batch_size,
+        "encoder": args.encoder,
+        "config": config,
+        "gflop_per_tile": vit_gflops_per_tile(config),
+        "matmul_gflops": statistics.median(matmul),
+        "onnx_s": statistics.median(onnx_s),
+        "torch_s": statistics.median(torch_s),
+        "stream_s": statistics.median(r["timing_s"]["stream_s"] for r in served),
+        "first_response_s": statistics.median(
+            r["timing_s"]["first_response_s"] for r in served
+        ),
+        "total_s": statistics.median(r["timing_s"]["total_s"] for r in served),
+        "read_s": statistics.median(h["read_s"] for h in halves),
+        "infer_s": statistics.median(h["infer_s"] for h in halves),
+        "first_batch_infer_s": statistics.median(
+            h["first_batch_infer_s"] for h in halves
+        ),
+        "queue_s": statistics.median(q["queue_s"] for q in queues),
+        "requests": statistics.median(q["requests"] for q in queues),
+        "executions": statistics.median(q["executions"] for q in queues),
     }
 
 
-def write_page(
-    path: Path, context: dict, rows: list[tuple[str, str, str, str]]
-) -> None:
-    lines = [
-        "# Benchmarks",
-        "",
-        "Generated by `python benchmarks/run.py "
-        + " ".join(context["argv"])
-        + "`. Rerunning it rewrites this page.",
-        "Absolute times on a shared machine are noise; read the ratios, each measured",
-        "against its baseline in the same run, on the same tiles and threads.",
-        "",
-        f"- Machine: {context['machine']}",
-        f"- Versions: {', '.join(f'{k} {v}' for k, v in context['versions'].items())}",
-        f"- Slide: {context['slide']} ({context['tiles']} tiles of {context['tile_px']} px)",
-        f"- Encoder: {context['encoder']}, request batch {context['batch_size']}, "
-        f"median of {context['repeats']} runs",
-        "",
-        "| measurement | value | baseline | ratio |",
-        "|---|---|---|---|",
+# Variants of the cpu target's serving options, against the default options.
+def serving_variants() -> list[tuple[str, dict]]:
+    return [
+        (
+            "preferred batch 4, no queue delay",
+            {"encoder_preferred_batches": (4,), "encoder_queue_delay_us": 0},
+        ),
+        (
+            "2 instances, 1 intra-op thread each",
+            {"encoder_instances": 2, "encoder_intra_op_threads": 1},
+        ),
+        (
+            "1 instance, intra-op threads = cores",
+            {"encoder_intra_op_threads": os.cpu_count() or 1},
+        ),
     ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    lines += ["", *context["notes"], ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+
+
+def measure_serving_variants(args, work: Path, full: dict) -> list[dict]:
+    """Served / in-process tiles/s for each serving variant, each on a fresh server."""
+    from histomet.export.repository import ServingOptions
+    from histomet.export.repository import write_repository
+
+    session = onnx_session(full["graphs"].encoder)
+    rows = []
+    for index, (name, changes) in enumerate(serving_variants()):
+        options = dataclasses.replace(ServingOptions(), **changes)
+        repository = work / f"repository-variant-{index}"
+        write_repository(repository, full["graphs"], full["model_spec"], options)
+        onnx_s, stream_s = [], []
+        with start_server(repository, work / f"server-variant-{index}.log") as server:
+            predict_served(args.slide, server.grpc_url, full["batch_size"])  # warm-up
+            for _ in range(args.variant_repeats):
+                onnx_s.append(
+                    time_onnxruntime(session, full["tiles"], full["batch_size"])
+                )
+                result = predict_served(args.slide, server.grpc_url, full["batch_size"])
+                stream_s.append(result["timing_s"]["stream_s"])
+        rows.append(
+            {
+                "name": name,
+                "options": changes,
+                "onnx_s": statistics.median(onnx_s),
+                "stream_s": statistics.median(stream_s),
+            }
+        )
+    return rows
+
+
+def measure_memory(args, work: Path) -> dict:
+    """Peak RSS of client and server for a small and a large synthetic slide."""
+    from memory import measure_slide
+    from synthetic_slide import write_synthetic_slide
+
+    from histomet.export.demo import export_demo_graphs
+    from histomet.export.repository import write_repository
+
+    graphs, model_spec = export_demo_graphs(work / "graphs-tiny", encoder="tiny")
+    repository = work / "repository-tiny"
+    write_repository(repository, graphs, model_spec)
+    session = onnx_session(graphs.encoder)
+    started = time.perf_counter()
+    small = write_synthetic_slide(work / "synthetic-small.tif", args.small_px)
+    large = write_synthetic_slide(work / "synthetic-large.tif", args.large_px)
+    write_s = time.perf_counter() - started
+    batch_size = model_spec.encoder_max_batch
+    results = {}
+    for label, path in (("small", small), ("large", large)):
+        results[label] = measure_slide(
+            path, repository, work, batch_size, session, model_spec, warm_up=small
+        )
+        results[label]["side_px"] = args.small_px if label == "small" else args.large_px
+        results[label]["file_mib"] = path.stat().st_size / 2**20
+    results["write_s"] = write_s
+    results["batch_size"] = batch_size
+    return results
 
 
 def main() -> int:
@@ -138,106 +265,39 @@ def main() -> int:
     parser.add_argument("--encoder", choices=("full", "tiny"), default="full")
     parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variant-repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--small-px", type=int, default=16384)
+    parser.add_argument("--large-px", type=int, default=40000)
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("variants", "memory"),
+        help="sections to leave out; the page says which were skipped",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
 
-    import torch
-
-    from histomet.export.demo import demo_encoder_config
-    from histomet.export.demo import export_demo_graphs
-    from histomet.export.repository import write_repository
-    from histomet.models.encoder import build_demo_encoder
-    from histomet.serve.launcher import LocalTritonServer
-    from histomet.serve.launcher import ServerConfig
-    from histomet.serve.launcher import free_port
-
+    started = time.perf_counter()
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="histomet-bench-") as temporary:
         work = Path(temporary)
-        graphs, model_spec = export_demo_graphs(work / "graphs", encoder=args.encoder)
-        repository = work / "repository"
-        write_repository(repository, graphs, model_spec)
-        tiles, read_s = read_tiles(
-            args.slide,
-            model_spec.tile_px,
-            model_spec.target_mpp,
-            model_spec.min_tissue_fraction,
+        full = measure_full_encoder(args, work)
+        variants = (
+            None
+            if "variants" in args.skip
+            else measure_serving_variants(args, work, full)
         )
-        n_tiles = len(tiles)
-        batch_size = min(args.batch_size, model_spec.encoder_max_batch)
-
-        encoder = build_demo_encoder(demo_encoder_config(args.encoder), seed=0)
-        torch.set_num_threads(os.cpu_count() or 1)
-        session = onnx_session(graphs.encoder)
-        config = ServerConfig(
-            repository=repository,
-            grpc_port=free_port(),
-            http_port=free_port(),
-            metrics_port=free_port(),
-        )
-        onnx_s, torch_s, served = [], [], []
-        log_path = work / "tritonserver.log"
-        with LocalTritonServer(config, log_path=log_path) as server:
-            predict_served(args.slide, server.grpc_url, batch_size)  # warm-up
-            # Interleaved, so a change in machine load hits every variant alike.
-            for _ in range(args.repeats):
-                onnx_s.append(time_onnxruntime(session, tiles, batch_size))
-                served.append(predict_served(args.slide, server.grpc_url, batch_size))
-                torch_s.append(time_torch(encoder, tiles, batch_size))
-    onnx_median = statistics.median(onnx_s)
-    torch_median = statistics.median(torch_s)
-    stream_median = statistics.median(r["timing_s"]["stream_s"] for r in served)
-    total_median = statistics.median(r["timing_s"]["total_s"] for r in served)
-    read_median = statistics.median(r["timing_s"]["tiling_read_s"] for r in served)
-    served_rate = n_tiles / stream_median
-    onnx_rate = n_tiles / onnx_median
-    torch_rate = n_tiles / torch_median
-    bound_s = max(read_median, onnx_median)
-    rows = [
-        (
-            "encoder through the Triton ensemble (tiles/s)",
-            f"{served_rate:.3f}",
-            f"ONNX Runtime in-process {onnx_rate:.3f}",
-            f"{served_rate / onnx_rate:.3f}",
-        ),
-        (
-            "ONNX Runtime in-process (tiles/s)",
-            f"{onnx_rate:.3f}",
-            f"torch eager {torch_rate:.3f}",
-            f"{onnx_rate / torch_rate:.3f}",
-        ),
-        (
-            "overlap: stream wall time / max(tile reads, in-process inference)",
-            f"{stream_median:.2f} s",
-            f"max({read_median:.2f} s, {onnx_median:.2f} s)",
-            f"{stream_median / bound_s:.3f}",
-        ),
-        (
-            "slide end to end (open, tissue, tiling, stream)",
-            f"{total_median:.2f} s",
-            f"open, tissue and tile reads alone {read_s:.2f} s",
-            "",
-        ),
-    ]
+        memory = None if "memory" in args.skip else measure_memory(args, work)
     context = {
         "argv": sys.argv[1:],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "versions": versions(),
-        "slide": args.slide.name,
-        "tiles": n_tiles,
-        "tile_px": model_spec.tile_px,
-        "encoder": args.encoder,
-        "batch_size": batch_size,
-        "repeats": args.repeats,
-        "notes": [
-            "The overlap ratio compares the stream's wall time with the larger of its",
-            "two halves measured apart. Above 1.0 is time lost to round trips, the",
-            "first request's wait and the tail. The request batch is small by default",
-            "(4), so even this small slide streams as several requests and the client's",
-            "in-flight window is exercised.",
-        ],
+        "args": args,
+        "run_s": time.perf_counter() - started,
+        "load_start": load_start,
+        "load_end": os.getloadavg(),
     }
-    write_page(args.output, context, rows)
+    write_page(args.output, context, full, variants, memory)
     print(args.output.read_text())
     return 0
 

@@ -1,0 +1,84 @@
+"""The helpers behind the benchmark page: synthetic slides, FLOP counts, metrics."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from measure import parse_metrics  # noqa: E402
+from measure import peak_rss_mib  # noqa: E402
+from measure import queue_figures  # noqa: E402
+from measure import vit_gflops_per_tile  # noqa: E402
+from synthetic_slide import level_downsamples  # noqa: E402
+from synthetic_slide import write_synthetic_slide  # noqa: E402
+
+from histomet.export.demo import demo_encoder_config  # noqa: E402
+from histomet.slide import open_slide  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("synthetic") / "slide.tif"
+    return write_synthetic_slide(path, 5000, mpp=0.25)
+
+
+def test_synthetic_slide_levels_and_mpp(synthetic: Path) -> None:
+    with open_slide(synthetic) as slide:
+        info = slide.info
+        assert info.dimensions == (5000, 5000)
+        assert info.mpp == pytest.approx(0.25, rel=1e-3)
+        assert len(info.level_dimensions) == len(level_downsamples(5000))
+        assert info.level_dimensions[1] == (1250, 1250)
+
+
+def test_synthetic_slide_has_tissue_and_glass(synthetic: Path) -> None:
+    with open_slide(synthetic) as slide:
+        thumbnail, _ = slide.thumbnail(512)
+    darkness = 255 - np.asarray(thumbnail, np.float64).mean(axis=2)
+    tissue = (darkness > 30).mean()
+    assert 0.2 < tissue < 0.8
+
+
+def test_level_downsamples_stop_at_small_level() -> None:
+    assert level_downsamples(1024) == [1]
+    assert level_downsamples(40000) == [1, 4, 16, 64]
+
+
+def test_vit_b16_flop_counts() -> None:
+    config = demo_encoder_config("full")
+    # ViT-B/16 at 224 px is commonly quoted at 17.6 G multiply-adds.
+    at_224 = vit_gflops_per_tile(type(config)(image_px=224, input_tile_px=224))
+    assert at_224 == pytest.approx(2 * 17.6, rel=0.01)
+    assert vit_gflops_per_tile(config) == pytest.approx(157.0, rel=0.01)
+
+
+METRICS = """# HELP nv_inference_request_success Number of successful inference requests
+nv_inference_request_success{model="patch_encoder",version="1"} 10
+nv_inference_request_success{model="risk_mil",version="1"} 3
+nv_inference_queue_duration_us{model="patch_encoder",version="1"} 25000
+nv_inference_exec_count{model="patch_encoder",version="1"} 8
+nv_inference_compute_infer_duration_us{model="patch_encoder",version="1"} 4000000
+nv_cpu_utilization 0.5
+"""
+
+
+def test_queue_figures_from_metric_deltas() -> None:
+    before = parse_metrics(METRICS)
+    after = parse_metrics(METRICS.replace("} 10", "} 14").replace("} 25000", "} 45000"))
+    figures = queue_figures(before, after, "patch_encoder")
+    assert figures["requests"] == 4
+    assert figures["queue_s"] == pytest.approx(0.02)
+    assert figures["mean_queue_ms"] == pytest.approx(5.0)
+    assert before[("nv_cpu_utilization", "")] == 0.5
+
+
+def test_peak_rss_of_this_process() -> None:
+    assert peak_rss_mib(os.getpid()) > 10
+    assert peak_rss_mib(2**22 + 12345) == 0.0
