@@ -317,7 +317,7 @@ def test_trained_bundle_goes_through_the_registry(chain, tmp_path):
     assert "exactly one of --repository and --version-bundle" in both.stderr
 
 
-def test_train_logs_its_run_and_the_version_links_to_it(chain, tmp_path):
+def test_train_run_linked_to_version(chain, tmp_path):
     """histomet train --registry-uri logs the run; register finds it by digest."""
     pytest.importorskip("mlflow", reason="the registry needs the registry extra")
     from histomet.registry.store import open_registry

@@ -1,10 +1,11 @@
 """The ``gpu`` target: configs parsed with Triton's protobuf, wiring, state graphs, TensorRT.
 
 No GPU and no TensorRT are needed here. The configs are checked by parsing
-them with Triton's ``ModelConfig`` message, and the wrapped MIL graphs are run
-in ONNX Runtime under Triton's implicit-state rules (each request's output state
-is the next request's input state, starting from the config's initial state),
-against the ``cpu`` target served by the real ``tritonserver``.
+them with Triton's ``ModelConfig`` message. The wrapped MIL graphs run in ONNX
+Runtime under Triton's implicit-state rules, where each request's output state
+is the next request's input state and the first request gets the config's
+initial state. Their outputs are compared with the ``cpu`` target served by the
+real ``tritonserver``.
 """
 
 from __future__ import annotations

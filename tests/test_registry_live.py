@@ -224,7 +224,7 @@ def test_promote_and_rollback_while_slides_stream(live, bundles):  # noqa: F811
         manifests.setdefault(manifest, []).append(finished)
     assert set(manifests) == set(solo)
     v2 = registry.version("histomet-risk", 2).manifest_sha256
-    # Version 2 answered only between the promotion's start and the rollback.
+    # Version 2 scored slides only between the promotion's start and the rollback.
     assert min(manifests[v2]) > promoted_at - 240
     assert any(promoted_at < t < rolled_back_at for t in manifests[v2])
     events = [(e.action, e.to_version) for e in registry.history("histomet-risk")]

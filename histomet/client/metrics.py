@@ -134,8 +134,8 @@ def push_metrics(url: str, timeout_s: float = 10.0) -> bool:
 
     The grouping key is the job ``histomet-client`` and this host's name, which is
     the pod name in Kubernetes, so the shards of one batch job do not replace
-    each other's metrics. A failed push never fails the run whose results it
-    describes.
+    each other's metrics. A push that fails with a network or HTTP error is
+    logged and leaves the run's exit code as it was.
     """
     instance = socket.gethostname()
     address = _address(url)

@@ -1,6 +1,6 @@
 """Parse a written Triton repository with Triton's protobuf and check the ensemble wiring.
 
-Triton loads each ``config.pbtxt`` into its ``ModelConfig`` message; parsing with
+Triton loads each ``config.pbtxt`` into its ``ModelConfig`` message. Parsing with
 the same message (from tritonclient) catches a misspelt field or a wrong enum
 before a server loads the file. The wiring check follows the ensemble's steps
 in order and checks that every tensor a step reads exists by then, with the

@@ -125,7 +125,7 @@ class _AdminClient:
 
 
 def _check_reachable(url: str) -> None:
-    """Raise ``RegistryError`` unless a live Triton server answers at ``url``."""
+    """Raise ``RegistryError`` unless a live Triton server responds at ``url``."""
     client = grpcclient.InferenceServerClient(url)
     try:
         live = client.is_server_live(client_timeout=10)

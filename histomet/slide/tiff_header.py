@@ -87,8 +87,8 @@ def read_tiff_header(path: Path) -> TiffHeader | None:
         raise _damaged_tags(error) from error
 
 
-# What tifffile raises when a tag has the wrong type or count, so that its value
-# cannot be converted: the header is there but damaged.
+# Exceptions that tifffile raises for a tag of the wrong type or count, whose value
+# it cannot convert. The header is present but damaged.
 _DAMAGED_TAG_ERRORS = (TypeError, struct.error, KeyError, AttributeError)
 
 
