@@ -167,8 +167,13 @@ def tile_tissue_fractions(
         return np.zeros(0, dtype=np.float64)
 
     height, width = mask.mask.shape
-    integral = np.zeros((height + 1, width + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask.mask, axis=0, dtype=np.int64), axis=1)
+    # A summed-area table, built in place: int32 holds any count below 2**31 mask
+    # pixels, and it is the largest array of the client's planning step.
+    dtype = np.int32 if height * width < 2**31 else np.int64
+    integral = np.zeros((height + 1, width + 1), dtype=dtype)
+    inner = integral[1:, 1:]
+    np.cumsum(mask.mask, axis=0, dtype=dtype, out=inner)
+    np.cumsum(inner, axis=1, dtype=dtype, out=inner)
 
     left = np.rint(coords_l0[:, 0] / mask.downsample).astype(np.int64)
     top = np.rint(coords_l0[:, 1] / mask.downsample).astype(np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -27,6 +28,13 @@ DARK_BACKGROUND_MEDIAN_VALUE = 0.3
 
 # Fewer candidate pixels than this cannot give a meaningful Otsu threshold.
 _MIN_CANDIDATE_PX = 16
+
+# Saturation histogram bins for Otsu's threshold.
+_SATURATION_BINS = 256
+
+# Rows of the thumbnail converted to float at a time: 256 rows of a 2048 px wide
+# mask are about 2 MiB per float image.
+_STRIP_ROWS = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,22 +101,31 @@ def detect_tissue(
     xp, ndi = array_modules(device)
     pixels = xp.asarray(rgb)
 
-    near_white = xp.all(pixels > white_level, axis=2)
-    channel_max = pixels.max(axis=2).astype(xp.float32)
-    channel_min = pixels.min(axis=2).astype(xp.float32)
-    value = channel_max / 255.0
-    saturation = (channel_max - channel_min) / xp.maximum(channel_max, 1.0)
-    dark = value < dark_value
-    candidates = ~near_white & ~dark
+    # Two passes over strips of rows: the saturation histogram of the candidates,
+    # then the mask at Otsu's threshold. The float images exist one strip at a
+    # time, so the transient memory does not grow with the mask's size.
+    histogram = xp.zeros(_SATURATION_BINS, dtype=xp.int64)
+    candidate_count = 0
+    for _, saturation, candidates in _saturation_strips(
+        pixels, white_level, dark_value, xp
+    ):
+        candidate_count += int(candidates.sum())
+        histogram += xp.histogram(
+            saturation[candidates], bins=_SATURATION_BINS, range=(0.0, 1.0)
+        )[0]
 
-    candidate_count = int(candidates.sum())
+    raw = xp.zeros(pixels.shape[:2], dtype=bool)
     if candidate_count < _MIN_CANDIDATE_PX:
         threshold = math.inf
-        raw = xp.zeros(pixels.shape[:2], dtype=bool)
     else:
-        otsu = otsu_threshold(saturation[candidates], xp=xp)
+        otsu = otsu_threshold_from_histogram(histogram, xp=xp)
         threshold = min(max(otsu, min_saturation), max_saturation_threshold)
-        raw = candidates & (saturation >= threshold)
+        for top, saturation, candidates in _saturation_strips(
+            pixels, white_level, dark_value, xp
+        ):
+            raw[top : top + saturation.shape[0]] = candidates & (
+                saturation >= threshold
+            )
 
     mask = _close_and_open(raw, closing_radius_px, opening_radius_px, xp, ndi)
     mask = ndi.binary_fill_holes(mask)
@@ -162,13 +179,23 @@ def check_brightfield(
 
 def otsu_threshold(values: Any, bins: int = 256, xp: ModuleType = np) -> float:
     """Return Otsu's threshold for values in [0, 1], from a ``bins``-bin histogram."""
-    histogram, edges = xp.histogram(values, bins=bins, range=(0.0, 1.0))
-    histogram = histogram.astype(xp.float64)
+    histogram, _ = xp.histogram(values, bins=bins, range=(0.0, 1.0))
+    return otsu_threshold_from_histogram(histogram, xp=xp)
+
+
+def otsu_threshold_from_histogram(histogram: Any, xp: ModuleType = np) -> float:
+    """Return Otsu's threshold from counts in equal bins over [0, 1].
+
+    The threshold is the upper edge of the last bin of the low class.
+    """
+    bins = int(histogram.shape[0])
+    counts = histogram.astype(xp.float64)
+    edges = xp.linspace(0.0, 1.0, bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2.0
 
-    weight_low = xp.cumsum(histogram)
+    weight_low = xp.cumsum(counts)
     weight_high = weight_low[-1] - weight_low
-    sum_low = xp.cumsum(histogram * centers)
+    sum_low = xp.cumsum(counts * centers)
     mean_low = xp.where(weight_low > 0, sum_low / xp.maximum(weight_low, 1.0), 0.0)
     mean_high = xp.where(
         weight_high > 0,
@@ -177,9 +204,26 @@ def otsu_threshold(values: Any, bins: int = 256, xp: ModuleType = np) -> float:
     )
     between_variance = weight_low * weight_high * (mean_low - mean_high) ** 2
 
-    # The threshold is the upper edge of the last bin of the low class.
     best_bin = int(xp.argmax(between_variance[:-1]))
     return float(edges[best_bin + 1])
+
+
+def _saturation_strips(
+    pixels: Any, white_level: int, dark_value: float, xp: ModuleType
+) -> Iterator[tuple[int, Any, Any]]:
+    """Yield (first row, HSV saturation, candidate pixels) for strips of rows.
+
+    Candidates are the pixels that are neither near-white (every channel above
+    ``white_level``) nor dark (HSV value below ``dark_value``).
+    """
+    for top in range(0, pixels.shape[0], _STRIP_ROWS):
+        strip = pixels[top : top + _STRIP_ROWS]
+        near_white = xp.all(strip > white_level, axis=2)
+        channel_max = strip.max(axis=2).astype(xp.float32)
+        channel_min = strip.min(axis=2).astype(xp.float32)
+        dark = channel_max / 255.0 < dark_value
+        saturation = (channel_max - channel_min) / xp.maximum(channel_max, 1.0)
+        yield top, saturation, ~near_white & ~dark
 
 
 def remove_small_components(
