@@ -108,7 +108,7 @@ def time_halves(slide_path: Path, session, model_spec, batch_size: int) -> dict:
     from histomet.slide import plan_slide_tiles
 
     read_s = infer_s = 0.0
-    first_batch_infer_s = 0.0
+    first_batch_read_s = first_batch_infer_s = last_batch_infer_s = 0.0
     n_tiles = 0
     started = time.perf_counter()
     with open_slide(slide_path) as slide:
@@ -123,22 +123,26 @@ def time_halves(slide_path: Path, session, model_spec, batch_size: int) -> dict:
         while True:
             step = time.perf_counter()
             batch = next(batches, None)
-            read_s += time.perf_counter() - step
+            read_elapsed = time.perf_counter() - step
+            read_s += read_elapsed
             if batch is None:
                 break
             step = time.perf_counter()
             session.run(None, {"tiles": np.ascontiguousarray(batch.tiles)})
-            elapsed = time.perf_counter() - step
-            infer_s += elapsed
+            last_batch_infer_s = time.perf_counter() - step
+            infer_s += last_batch_infer_s
             if not n_tiles:
-                first_batch_infer_s = elapsed
+                first_batch_read_s = read_elapsed
+                first_batch_infer_s = last_batch_infer_s
             n_tiles += len(batch.tiles)
     return {
         "tiles": n_tiles,
         "plan_s": plan_s,
         "read_s": read_s,
         "infer_s": infer_s,
+        "first_batch_read_s": first_batch_read_s,
         "first_batch_infer_s": first_batch_infer_s,
+        "last_batch_infer_s": last_batch_infer_s,
     }
 
 

@@ -136,10 +136,15 @@ def test_cli_json_timing_split(cli_result):
         "tissue_s",
         "tiling_read_s",
         "stream_s",
+        "first_response_s",
+        "last_request_s",
         "total_s",
     ):
         assert timing[key] >= 0.0, key
     assert timing["total_s"] >= timing["stream_s"]
+    # The last request leaves after the stream starts and before its response.
+    assert 0.0 < timing["last_request_s"] <= timing["stream_s"]
+    assert 0.0 < timing["first_response_s"] <= timing["stream_s"]
 
 
 def test_served_prediction_matches_in_process_onnx(triton_server, tiny_export):

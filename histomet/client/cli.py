@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiles per request, capped by the encoder's max_batch_size (default: 16)",
     )
     predict.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="send tiles through system shared memory instead of the gRPC stream; "
+        "only for a server on this host (in Kubernetes, a container of this pod "
+        "that shares /dev/shm)",
+    )
+    predict.add_argument(
         "--timeout-s",
         type=positive_float,
         default=600.0,
@@ -530,6 +537,7 @@ def _predict_options(args: argparse.Namespace):
         retry_backoff_s=args.retry_backoff_s,
         tls=tls,
         show_paths=args.show_paths,
+        shared_memory=args.shared_memory,
     )
 
 

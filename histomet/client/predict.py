@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from histomet.client.native_output import check_decode_errors
 import tritonclient.grpc as grpcclient
 
 from histomet.client.served_model import ServedModel
+from histomet.client.shm import SharedTileRing
 from histomet.client.served_model import connect
 from histomet.client.served_model import describe
 from histomet.client.served_model import TlsSettings
@@ -81,6 +83,8 @@ class PredictOptions:
     show_paths: bool = False
     # The slide-id key; None loads it as ``identity.load_key`` describes.
     slide_id_key: bytes | None = None
+    # Send tiles through system shared memory (client and server on one host).
+    shared_memory: bool = False
 
 
 class ModelVersionChangedError(StreamFailedError):
@@ -248,15 +252,26 @@ def _score_once(
     if grid.n_tiles == 0:
         return _Scored(served, mask, grid, None, connect_s, tissue_s)
     batch_size = max(1, min(options.batch_size, served.spec.encoder_max_batch))
-    stream = stream_slide(
-        client,
-        served.name,
-        iter_tile_batches(slide, grid, batch_size),
-        grid.n_tiles,
-        model_version=served.version,
-        max_in_flight=options.max_in_flight,
-        response_timeout_s=options.timeout_s,
-    )
+    with ExitStack() as stack:
+        shared_tiles = None
+        if options.shared_memory:
+            shared_tiles = stack.enter_context(
+                SharedTileRing(
+                    client,
+                    slots=options.max_in_flight,
+                    slot_bytes=batch_size * grid.tile_px * grid.tile_px * 3,
+                )
+            )
+        stream = stream_slide(
+            client,
+            served.name,
+            iter_tile_batches(slide, grid, batch_size),
+            grid.n_tiles,
+            model_version=served.version,
+            max_in_flight=options.max_in_flight,
+            response_timeout_s=options.timeout_s,
+            shared_tiles=shared_tiles,
+        )
     _check_same_model(client, served.name, served)
     return _Scored(served, mask, grid, stream, connect_s, tissue_s)
 
@@ -434,6 +449,7 @@ def predict_slide(
                 "tiling_read_s": stream.read_s,
                 "stream_s": stream.stream_s,
                 "first_response_s": stream.first_response_s,
+                "last_request_s": stream.last_request_s,
                 "total_s": time.perf_counter() - started,
             }
         )

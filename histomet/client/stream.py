@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -28,6 +29,9 @@ from tritonclient.utils import InferenceServerException
 from histomet import spec
 from histomet.client import metrics
 from histomet.errors import InferenceError
+
+if TYPE_CHECKING:
+    from histomet.client.shm import SharedTileRing
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -93,6 +97,7 @@ class StreamResult:
     read_s: float
     stream_s: float
     first_response_s: float
+    last_request_s: float
     requests: int
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -164,6 +169,7 @@ def stream_slide(
     prefetch: int = 2,
     response_timeout_s: float = 600.0,
     sequence_id: int | None = None,
+    shared_tiles: SharedTileRing | None = None,
 ) -> StreamResult:
     """Send every batch as one sequence and return the slide's outputs.
 
@@ -174,6 +180,10 @@ def stream_slide(
     that reaches it carries the sequence-end flag. Raises ``InferenceError`` on
     any failed request, a response timeout, or a tile count that disagrees with
     what the server pooled.
+
+    With ``shared_tiles`` each batch's tiles go through a registered system
+    shared memory slot instead of the request body. The ring needs at least
+    ``max_in_flight`` slots.
     """
     if n_tiles < 1:
         raise ValueError("stream_slide needs at least one tile")
@@ -191,6 +201,8 @@ def stream_slide(
             request_id = getattr(error, "request_id", None)
         if request_id in sent_at:
             metrics.REQUEST_SECONDS.observe(received - sent_at[request_id])
+        if shared_tiles is not None:
+            shared_tiles.release(request_id)
         window.release()
         responses.put((received, request_id, result, error))
 
@@ -200,6 +212,7 @@ def stream_slide(
     reader.start()
     outputs: dict[int, dict[str, np.ndarray]] = {}
     first_response_s = 0.0
+    last_request_s = 0.0
     sent = 0
     tiles_sent = 0
     tile_shape: tuple[int, ...] = ()
@@ -268,7 +281,16 @@ def stream_slide(
                     raise timed_out()
             end = tiles_sent + count == n_tiles
             try:
-                _send(client, model, model_version, batch, sent, sequence_id, end)
+                _send(
+                    client,
+                    model,
+                    model_version,
+                    batch,
+                    sent,
+                    sequence_id,
+                    end,
+                    shared_tiles,
+                )
             except InferenceServerException as error:
                 raise StreamFailedError(
                     f"lost the stream to model {model!r} during sequence "
@@ -276,6 +298,7 @@ def stream_slide(
                     "no prediction was made; retry the slide when the server is back",
                 ) from error
             sent_at[str(sent)] = time.perf_counter()
+            last_request_s = sent_at[str(sent)] - started
             tile_shape = batch.tiles.shape[1:]
             sent += 1
             tiles_sent += count
@@ -303,7 +326,14 @@ def stream_slide(
     client.stop_stream()
     stream_s = time.perf_counter() - started
     return _assemble(
-        outputs, sent, sequence_id, n_tiles, reader.read_s, stream_s, first_response_s
+        outputs,
+        sent,
+        sequence_id,
+        n_tiles,
+        reader.read_s,
+        stream_s,
+        first_response_s,
+        last_request_s,
     )
 
 
@@ -422,10 +452,15 @@ def _send(
     index: int,
     sequence_id: int,
     end: bool,
+    shared_tiles: SharedTileRing | None = None,
 ) -> None:
     tiles = np.ascontiguousarray(batch.tiles, dtype=np.uint8)
     tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
-    tiles_input.set_data_from_numpy(tiles)
+    if shared_tiles is None:
+        tiles_input.set_data_from_numpy(tiles)
+    else:
+        region, byte_size = shared_tiles.put(str(index), tiles)
+        tiles_input.set_shared_memory(region, byte_size)
     offset_input = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
     offset_input.set_data_from_numpy(np.array([batch.offset], dtype=np.int64))
     client.async_stream_infer(
@@ -447,6 +482,7 @@ def _assemble(
     read_s: float,
     stream_s: float,
     first_response_s: float,
+    last_request_s: float,
 ) -> StreamResult:
     ordered = [outputs[index] for index in range(sent)]
     final = ordered[-1]
@@ -479,5 +515,6 @@ def _assemble(
         read_s=read_s,
         stream_s=stream_s,
         first_response_s=first_response_s,
+        last_request_s=last_request_s,
         requests=sent,
     )

@@ -1,0 +1,123 @@
+"""Tile batches through system shared memory, for a client on the server's host.
+
+Over gRPC every tile batch is serialised into the request and copied by the
+server. With ``--shared-memory`` the client writes each batch into a POSIX
+shared memory region that it registered with Triton, and the request names the
+region instead of carrying the bytes. That only works when the client and the
+server see one ``/dev/shm``: the same machine, or containers of one Kubernetes
+pod that share an ``emptyDir`` with ``medium: Memory`` mounted at ``/dev/shm``.
+
+The ring has one slot per request that may be in flight. A slot is taken when a
+batch is sent and given back when that request's response arrives, so a batch
+is never overwritten while the server may still read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+from types import TracebackType
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as system_shm
+from tritonclient.utils import InferenceServerException
+
+from histomet.errors import InferenceError
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class SharedMemoryError(InferenceError):
+    """A shared memory region could not be created or registered."""
+
+
+class SharedTileRing:
+    """Registered system shared memory regions, one slot per request in flight."""
+
+    def __init__(
+        self, client: grpcclient.InferenceServerClient, slots: int, slot_bytes: int
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"invalid slot count {slots}: expected >= 1")
+        if slot_bytes < 1:
+            raise ValueError(f"invalid slot size {slot_bytes} bytes: expected >= 1")
+        self._client = client
+        self.slot_bytes = slot_bytes
+        # Names are unique per process and ring, so two clients on one host, or
+        # two slides in one process, never write into each other's regions.
+        prefix = f"histomet_{os.getpid()}_{secrets.token_hex(4)}"
+        self.names = [f"{prefix}_{index}" for index in range(slots)]
+        self._handles: list = []
+        self._registered: list[str] = []
+        self._free: queue.Queue[int] = queue.Queue()
+        self._in_use: dict[str, int] = {}
+
+    def __enter__(self) -> SharedTileRing:
+        try:
+            for index, name in enumerate(self.names):
+                handle = system_shm.create_shared_memory_region(
+                    name, f"/{name}", self.slot_bytes
+                )
+                self._handles.append(handle)
+                self._client.register_system_shared_memory(
+                    name, f"/{name}", self.slot_bytes
+                )
+                self._registered.append(name)
+                self._free.put(index)
+        except (InferenceServerException, system_shm.SharedMemoryException) as error:
+            self.close()
+            message = error.message() if hasattr(error, "message") else str(error)
+            raise SharedMemoryError(
+                f"setting up system shared memory slots of {self.slot_bytes} bytes "
+                f"with the server failed ({message})",
+                "--shared-memory needs the client and the server on one host with "
+                "one /dev/shm (in Kubernetes, one pod); run without it otherwise",
+            ) from error
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def put(self, request_id: str, tiles: np.ndarray) -> tuple[str, int]:
+        """Write a batch into a free slot and return the region name and byte count.
+
+        Blocks until a slot is free. The caller's in-flight window keeps one free.
+        """
+        if tiles.nbytes > self.slot_bytes:
+            raise ValueError(
+                f"a batch of {tiles.nbytes} bytes does not fit a "
+                f"{self.slot_bytes}-byte slot"
+            )
+        index = self._free.get()
+        system_shm.set_shared_memory_region(self._handles[index], [tiles])
+        self._in_use[request_id] = index
+        return self.names[index], tiles.nbytes
+
+    def release(self, request_id: str | None) -> None:
+        """Give back the slot of a request whose response or error arrived."""
+        index = self._in_use.pop(request_id, None) if request_id is not None else None
+        if index is not None:
+            self._free.put(index)
+
+    def close(self) -> None:
+        """Unregister and destroy every region; failures are logged, not raised."""
+        for name in self._registered:
+            try:
+                self._client.unregister_system_shared_memory(name)
+            except InferenceServerException as error:
+                _LOGGER.info("could not unregister shared memory %s: %s", name, error)
+        self._registered = []
+        for handle in self._handles:
+            try:
+                system_shm.destroy_shared_memory_region(handle)
+            except system_shm.SharedMemoryException as error:
+                _LOGGER.info("could not destroy a shared memory region: %s", error)
+        self._handles = []
