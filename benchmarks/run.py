@@ -94,11 +94,16 @@ def time_torch(encoder, tiles: np.ndarray, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def predict_served(slide_path: Path, url: str, batch_size: int) -> dict:
+def predict_served(
+    slide_path: Path, url: str, batch_size: int, shared_memory: bool = False
+) -> dict:
     from histomet.client.predict import PredictOptions
     from histomet.client.predict import predict_slide
 
-    return predict_slide(slide_path, PredictOptions(url=url, batch_size=batch_size))
+    options = PredictOptions(
+        url=url, batch_size=batch_size, shared_memory=shared_memory
+    )
+    return predict_slide(slide_path, options)
 
 
 def start_server(repository: Path, log_path: Path):
@@ -124,6 +129,7 @@ def measure_full_encoder(args, work: Path) -> dict:
     from measure import time_halves
     from measure import vit_gflops_per_tile
 
+    from histomet.client.predict import PredictOptions
     from histomet.export.demo import demo_encoder_config
     from histomet.export.demo import export_demo_graphs
     from histomet.export.repository import write_repository
@@ -140,6 +146,7 @@ def measure_full_encoder(args, work: Path) -> dict:
     session = onnx_session(graphs.encoder)
 
     onnx_s, torch_s, served, halves, queues, matmul = [], [], [], [], [], []
+    shared = []
     with start_server(repository, work / "server-full.log") as server:
         predict_served(args.slide, server.grpc_url, batch_size)  # warm-up
         # Interleaved, so a change in machine load hits every variant alike.
@@ -154,12 +161,18 @@ def measure_full_encoder(args, work: Path) -> dict:
                 )
             )
             halves.append(time_halves(args.slide, session, model_spec, batch_size))
+            shared.append(
+                predict_served(
+                    args.slide, server.grpc_url, batch_size, shared_memory=True
+                )
+            )
             torch_s.append(time_torch(encoder, tiles, batch_size))
     return {
         "graphs": graphs,
         "model_spec": model_spec,
         "tiles": tiles,
         "batch_size": batch_size,
+        "max_in_flight": PredictOptions().max_in_flight,
         "encoder": args.encoder,
         "config": config,
         "gflop_per_tile": vit_gflops_per_tile(config),
@@ -170,13 +183,24 @@ def measure_full_encoder(args, work: Path) -> dict:
         "first_response_s": statistics.median(
             r["timing_s"]["first_response_s"] for r in served
         ),
+        "last_request_s": statistics.median(
+            r["timing_s"]["last_request_s"] for r in served
+        ),
+        "shared_stream_s": statistics.median(r["timing_s"]["stream_s"] for r in shared),
         "total_s": statistics.median(r["timing_s"]["total_s"] for r in served),
         "read_s": statistics.median(h["read_s"] for h in halves),
         "infer_s": statistics.median(h["infer_s"] for h in halves),
+        "first_batch_read_s": statistics.median(
+            h["first_batch_read_s"] for h in halves
+        ),
         "first_batch_infer_s": statistics.median(
             h["first_batch_infer_s"] for h in halves
         ),
+        "last_batch_infer_s": statistics.median(
+            h["last_batch_infer_s"] for h in halves
+        ),
         "queue_s": statistics.median(q["queue_s"] for q in queues),
+        "compute_s": statistics.median(q["compute_s"] for q in queues),
         "requests": statistics.median(q["requests"] for q in queues),
         "executions": statistics.median(q["executions"] for q in queues),
     }

@@ -82,3 +82,56 @@ def test_queue_figures_from_metric_deltas() -> None:
 def test_peak_rss_of_this_process() -> None:
     assert peak_rss_mib(os.getpid()) > 10
     assert peak_rss_mib(2**22 + 12345) == 0.0
+
+
+def test_run_writes_every_section(tmp_path: Path) -> None:
+    """Run the page's one command on the tiny encoder and read the page back."""
+    import subprocess
+
+    from .conftest import CMU_SMALL
+
+    output = tmp_path / "benchmarks.md"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "run.py"),
+            "--encoder",
+            "tiny",
+            "--slide",
+            str(CMU_SMALL),
+            "--repeats",
+            "1",
+            "--skip",
+            "variants",
+            "memory",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    page = output.read_text()
+    for heading in (
+        "## Goals",
+        "## Encoder on the CPU target",
+        "## Serving overhead",
+        "## Overlap",
+        "## Constant memory",
+        "## GPU",
+    ):
+        assert heading in page
+    assert "Tiny demo encoder" in page
+    assert "`--shared-memory`" in page
+    assert "| tail: last request to last response |" in page
+    assert "Not run (`--skip memory`)." in page
+    assert "| variants | not run (`--skip variants`) | | |" in page
+    # The goal rows carry a measured ratio and a verdict.
+    overlap_row = next(line for line in page.splitlines() if "| overlap ≤" in line)
+    assert float(overlap_row.split("|")[2].split()[0]) > 0.0
+    verdict = overlap_row.split("|")[3].strip()
+    assert verdict == "met" or verdict.startswith("**missed**: ")
+    assert "GPU figures are not measured yet" in page
