@@ -96,7 +96,9 @@ def queue_figures(
     }
 
 
-def time_halves(slide_path: Path, session, model_spec, batch_size: int) -> dict:
+def time_halves(
+    slide_path: Path, session, model_spec, batch_size: int, mpp: float | None = None
+) -> dict:
     """Time tile reading and in-process inference of one slide, one after the other.
 
     The slide is read batch by batch as the client reads it. Each batch goes
@@ -111,7 +113,7 @@ def time_halves(slide_path: Path, session, model_spec, batch_size: int) -> dict:
     first_batch_read_s = first_batch_infer_s = last_batch_infer_s = 0.0
     n_tiles = 0
     started = time.perf_counter()
-    with open_slide(slide_path) as slide:
+    with open_slide(slide_path, mpp_override=mpp) as slide:
         _, grid = plan_slide_tiles(
             slide,
             tile_px=model_spec.tile_px,

@@ -215,8 +215,45 @@ def overlap_section(full: dict) -> tuple[list[str], float]:
         "",
         *overlap_note(full, idle_s, tail_s),
         "",
+        *other_slides_table(full, ratio),
     ]
-    return lines, ratio
+    worst = max([ratio, *(row["ratio"] for row in other_slide_ratios(full))])
+    return lines, worst
+
+
+def other_slide_ratios(full: dict) -> list[dict]:
+    """Return the further shared slides that ran, each with its overlap ratio."""
+    return [
+        {**row, "ratio": row["stream_s"] / max(row["read_s"], row["infer_s"])}
+        for row in full.get("other_slides", [])
+        if not row.get("missing")
+    ]
+
+
+def other_slides_table(full: dict, ratio: float) -> list[str]:
+    """Return the per-slide overlap table: the first slide and the further ones."""
+    lines = [
+        "Overlap on each shared slide with tissue and a known or given MPP (medians "
+        "of up to 2 runs for the further slides). The goal row above takes the worst.",
+        "",
+        "| slide | reader | tiles | stream | reading | inference | overlap |",
+        "|---|---|---|---|---|---|---|",
+        f"| {full['slide_name']} | {full['reader']} | {len(full['tiles'])} | "
+        f"{full['stream_s']:.2f} s | {full['read_s']:.2f} s | {full['infer_s']:.2f} s "
+        f"| {ratio:.3f} |",
+    ]
+    for row in other_slide_ratios(full):
+        mpp_note = f" (MPP {row['mpp']} given)" if row["mpp"] else ""
+        lines.append(
+            f"| {row['slide']}{mpp_note} | {row['reader']} | {row['tiles']} | "
+            f"{row['stream_s']:.2f} s | {row['read_s']:.2f} s | {row['infer_s']:.2f} s "
+            f"| {row['ratio']:.3f} |"
+        )
+    for row in full.get("other_slides", []):
+        if row.get("missing"):
+            lines.append(f"| {row['slide']} | not found | | | | | |")
+    lines.append("")
+    return lines
 
 
 def overlap_note(full: dict, idle_s: float, tail_s: float) -> list[str]:
@@ -350,7 +387,18 @@ def goals(
     bound_half = "reading" if full["read_s"] >= full["infer_s"] else "inference"
     load = f"{context['load_start'][0]:.1f}–{context['load_end'][0]:.1f}"
     overlap, serving = ratios["overlap"], ratios["serving"]
-    overlap_note = "" if overlap <= GOAL_OVERLAP else f": {overlap_reason(full)}"
+    first = full["stream_s"] / max(full["read_s"], full["infer_s"])
+    worst_slide = full["slide_name"]
+    for row in other_slide_ratios(full):
+        if row["ratio"] > first and row["ratio"] == overlap:
+            worst_slide = row["slide"]
+    overlap_note = ""
+    if overlap > GOAL_OVERLAP:
+        overlap_note = (
+            f": {overlap_reason(full)}"
+            if worst_slide == full["slide_name"]
+            else f": worst on {worst_slide}, see the per-slide table"
+        )
     serving_note = (
         "" if serving >= GOAL_SERVING else f": {serving_reason(variants, load)}"
     )
@@ -359,7 +407,8 @@ def goals(
         "",
         "| goal | measured | verdict |",
         "|---|---|---|",
-        f"| overlap ≤ {GOAL_OVERLAP:.2f} | {overlap:.3f} (bound by {bound_half}) | "
+        f"| overlap ≤ {GOAL_OVERLAP:.2f} on the shared slides | {overlap:.3f} (worst: "
+        f"{worst_slide}; {full['slide_name']} bound by {bound_half}) | "
         f"{verdict(overlap <= GOAL_OVERLAP)}{overlap_note} |",
         f"| served ≥ {GOAL_SERVING:.2f} of in-process | {serving:.3f} | "
         f"{verdict(serving >= GOAL_SERVING)}{serving_note} |",

@@ -128,9 +128,15 @@ def test_run_writes_every_section(tmp_path: Path) -> None:
     assert "`--shared-memory`" in page
     assert "| tail: last request to last response |" in page
     assert "Not run (`--skip memory`)." in page
+    # The overlap goal covers every shared slide with tissue and an MPP.
+    assert "| CMU-1-Small-Region.svs | cucim | 14 |" in page
+    assert "| dicom_cmu1_small | openslide | 14 |" in page
+    assert "| tcga-cr-7395-01a-01-ts1.svs (MPP 0.5 given) | cucim |" in page
     assert "| variants | not run (`--skip variants`) | | |" in page
     # The goal rows carry a measured ratio and a verdict.
-    overlap_row = next(line for line in page.splitlines() if "| overlap ≤" in line)
+    overlap_row = next(
+        line for line in page.splitlines() if line.startswith("| overlap ≤ 1.10 on")
+    )
     assert float(overlap_row.split("|")[2].split()[0]) > 0.0
     verdict = overlap_row.split("|")[3].strip()
     assert verdict == "met" or verdict.startswith("**missed**: ")
