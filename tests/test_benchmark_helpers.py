@@ -16,6 +16,7 @@ from measure import parse_metrics  # noqa: E402
 from measure import peak_rss_mib  # noqa: E402
 from measure import queue_figures  # noqa: E402
 from measure import vit_gflops_per_tile  # noqa: E402
+from page import choice_note  # noqa: E402
 from synthetic_slide import level_downsamples  # noqa: E402
 from synthetic_slide import write_synthetic_slide  # noqa: E402
 
@@ -141,3 +142,15 @@ def test_run_writes_every_section(tmp_path: Path) -> None:
     verdict = overlap_row.split("|")[3].strip()
     assert verdict == "met" or verdict.startswith("**missed**: ")
     assert "GPU figures are not measured yet" in page
+
+
+def test_choice_note_names_a_faster_variant() -> None:
+    slower = {"name": "2 instances", "onnx_s": 9.0, "stream_s": 10.0}
+    faster = {"name": "no queue delay", "onnx_s": 12.0, "stream_s": 10.0}
+
+    kept = choice_note(1.0, [slower])
+    assert "No variant beat it by more than 5%" in kept
+    assert "'2 instances' at 0.900" in kept
+    beaten = choice_note(1.0, [slower, faster])
+    assert "'no queue delay' beat it by 20%" in beaten
+    assert "did not run" in choice_note(1.0, None)
