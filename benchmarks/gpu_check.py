@@ -505,6 +505,8 @@ def check_ensemble(report: StepReport) -> None:
                 report.status = "not_available"
             return
 
+        # NOTE: from here on the step has not run yet, because no machine here has a
+        # CUDA device and a tritonserver with the onnxruntime backend.
         (work / "engine-cache").mkdir()
         graphs, model_spec, gpu_spec = write_checked_gpu_repository(
             report, work, options, encoder=ENSEMBLE_ENCODER
