@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
@@ -26,8 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from histomet.export.gpu import GpuServingOptions
+    from histomet.export.repository import ExportedGraphs
+    from histomet.serve.launcher import ExternalServer
+    from histomet.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = ROOT.parent / "shared" / "slides"
@@ -406,8 +414,6 @@ def check_encoder(report: StepReport) -> None:
             )
             report.record_ran("trtexec plan build: " + " ".join(command[1:]))
             if completed.returncode == 0 and torch.cuda.is_available():
-                import re
-
                 from histomet.export.gpu import PlanTags
                 from histomet.export.gpu import check_plan_tags
                 from histomet.export.gpu import write_plan_tags
@@ -435,10 +441,311 @@ def check_encoder(report: StepReport) -> None:
                 report.figure("compute_capability", tags.compute_capability)
 
 
+# Ensemble step
+
+ENSEMBLE_SLIDE = "CMU-1-Small-Region.svs"
+ENSEMBLE_ENCODER = "full"
+# The TensorRT engines run in FP16 and the cpu target in float32, on the same graphs.
+# NOTE: this tolerance is an estimate; no GPU was available to measure the difference.
+ENSEMBLE_RISK_TOLERANCE = 0.02
+# Room for TensorRT engine builds at model load. Builds that ONNX Runtime defers to
+# the first request fall in the warm-up prediction instead.
+GPU_STARTUP_TIMEOUT_S = 150.0
+CPU_STARTUP_TIMEOUT_S = 60.0
+
+
+def _cuda_missing_reason() -> str | None:
+    """Return why neither cupy nor torch detects a CUDA device, or None when one does."""
+    from histomet.slide.gpu import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return f"{reason}, and torch {torch.__version__} sees no CUDA device"
+
+
+def check_ensemble(report: StepReport) -> None:
+    """Predict the shared slide through the gpu-target ensemble on an external tritonserver.
+
+    The gpu target needs Triton's ONNX Runtime backend, which the embedded
+    nvidia-pytriton server lacks, so the server is located with
+    ``find_external_server`` (``HISTOMET_TRITONSERVER``, else the NGC container's
+    ``/opt/tritonserver``). The baseline is the same slide through the cpu
+    target, exported from the same graphs, on the embedded server in this run.
+    Without a CUDA device or such a server, only the gpu-target repository of
+    the tiny encoder is written and its configs checked.
+    """
+    import tempfile
+
+    from histomet.errors import ServerUnavailableError
+    from histomet.export.gpu import GpuServingOptions
+    from histomet.serve.launcher import find_external_server
+
+    with tempfile.TemporaryDirectory(prefix="gpu-check-ensemble-") as folder:
+        work = Path(folder)
+        options = GpuServingOptions(engine_cache_path=str(work / "engine-cache"))
+        missing = []
+        cuda_reason = _cuda_missing_reason()
+        if cuda_reason is not None:
+            missing.append(cuda_reason)
+        try:
+            external = find_external_server(options.triton_backends)
+        except ServerUnavailableError as error:
+            missing.append(str(error))
+        if missing:
+            write_checked_gpu_repository(report, work, options, encoder="tiny")
+            report.record_not_available(
+                "gpu-target ensemble on tritonserver", "; ".join(missing)
+            )
+            if report.status == "passed":
+                report.status = "not_available"
+            return
+
+        # NOTE: from here on the step has not run yet, because no machine here has a
+        # CUDA device and a tritonserver with the onnxruntime backend.
+        (work / "engine-cache").mkdir()
+        graphs, model_spec, gpu_spec = write_checked_gpu_repository(
+            report, work, options, encoder=ENSEMBLE_ENCODER
+        )
+        if report.status == "failed":
+            return
+        from histomet.export.repository import write_repository
+
+        cpu_spec = write_repository(work / "cpu-repository", graphs, model_spec)
+        slide = SHARED_SLIDES / ENSEMBLE_SLIDE
+        tiles = planned_tile_count(slide, gpu_spec)
+        report.figure("slide_tiles", tiles)
+
+        gpu = serve_slide(
+            report,
+            "gpu",
+            work / "gpu-repository",
+            external,
+            GPU_STARTUP_TIMEOUT_S,
+            slide,
+            tiles,
+            gpu_spec.manifest_sha256,
+        )
+        if gpu is None:
+            return
+        cpu = serve_slide(
+            report,
+            "cpu",
+            work / "cpu-repository",
+            None,
+            CPU_STARTUP_TIMEOUT_S,
+            slide,
+            tiles,
+            cpu_spec.manifest_sha256,
+        )
+        if cpu is None:
+            return
+        compare_targets(report, gpu, cpu)
+
+
+def write_checked_gpu_repository(
+    report: StepReport, work: Path, options: GpuServingOptions, encoder: str
+) -> tuple[ExportedGraphs, ModelSpec, ModelSpec]:
+    """Export the demo graphs, write the gpu-target repository and check its configs.
+
+    Returns the exported graphs, their spec, and the spec of the written
+    repository, which adds its manifest digest and the encoder's maximum batch.
+    """
+    from histomet import spec
+    from histomet.errors import ExportError
+    from histomet.export.config_check import check_ensemble
+    from histomet.export.config_check import load_configs
+    from histomet.export.demo import export_demo_graphs
+    from histomet.export.gpu import write_gpu_repository
+
+    started = time.perf_counter()
+    graphs, model_spec = export_demo_graphs(work / "graphs", encoder=encoder)
+    repository = work / "gpu-repository"
+    gpu_spec = write_gpu_repository(repository, graphs, model_spec, options)
+    report.figure(f"export_{encoder}_s", time.perf_counter() - started)
+    report.record_ran(
+        f"gpu-target repository of the {encoder} demo encoder "
+        f"({options.encoder_backend}) written"
+    )
+    try:
+        configs = load_configs(repository)
+        check_ensemble(configs, spec.ENSEMBLE_MODEL)
+    except ExportError as error:
+        report.check("gpu-target configs parse and line up", False, str(error))
+        return graphs, model_spec, gpu_spec
+    report.check(
+        "gpu-target configs parse and line up",
+        True,
+        f"{len(configs)} models parsed with Triton's ModelConfig, "
+        f"{spec.ENSEMBLE_MODEL} steps wired end to end",
+    )
+    return graphs, model_spec, gpu_spec
+
+
+def planned_tile_count(slide_path: Path, model_spec: ModelSpec) -> int:
+    """Return the number of tiles the client plans for ``slide_path`` under ``model_spec``."""
+    from histomet.client.predict import THUMBNAIL_MAX_PX
+    from histomet.slide import open_slide
+    from histomet.slide import plan_slide_tiles
+
+    with open_slide(slide_path) as slide:
+        _, grid = plan_slide_tiles(
+            slide,
+            tile_px=model_spec.tile_px,
+            target_mpp=model_spec.target_mpp,
+            min_tissue_fraction=model_spec.min_tissue_fraction,
+            thumbnail_max_px=THUMBNAIL_MAX_PX,
+        )
+    return grid.n_tiles
+
+
+def serve_slide(
+    report: StepReport,
+    target: str,
+    repository: Path,
+    external: ExternalServer | None,
+    startup_timeout_s: float,
+    slide_path: Path,
+    expected_tiles: int,
+    expected_manifest: str,
+) -> dict | None:
+    """Start a server on ``repository``, predict the slide twice and check the second result.
+
+    The first prediction warms the server up (engine builds, first batches), so the
+    second one is timed. ``external`` is None for the embedded server. Returns the
+    timed result, or None when the server did not start.
+    """
+    from histomet.client.predict import PredictOptions
+    from histomet.client.predict import predict_slide
+    from histomet.errors import ServerUnavailableError
+    from histomet.serve.launcher import LocalTritonServer
+    from histomet.serve.launcher import ServerConfig
+    from histomet.serve.launcher import free_port
+
+    config = ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        startup_timeout_s=startup_timeout_s,
+        external=external,
+    )
+    log_path = repository.parent / f"{target}-tritonserver.log"
+    server = LocalTritonServer(config, log_path=log_path)
+    server_name = "embedded" if external is None else str(external.binary)
+    started = time.perf_counter()
+    try:
+        server.start()
+    except ServerUnavailableError as error:
+        report.check(
+            f"{target}-target ensemble loads on {server_name}",
+            False,
+            f"{error}; server log: {_log_tail(log_path)}",
+        )
+        return None
+    try:
+        report.figure(f"{target}_server_start_s", time.perf_counter() - started)
+        options = PredictOptions(url=server.grpc_url)
+        report.figure(f"{target}_client_batch_size", options.batch_size)
+        started = time.perf_counter()
+        predict_slide(slide_path, options)
+        report.figure(f"{target}_first_slide_s", time.perf_counter() - started)
+        result = predict_slide(slide_path, options)
+    finally:
+        server.stop()
+    report.record_ran(f"{target}-target ensemble on the {server_name} tritonserver")
+    check_prediction(report, target, result, expected_tiles, expected_manifest)
+    timing = result["timing_s"]
+    report.figure(f"{target}_stream_s", timing["stream_s"])
+    report.figure(f"{target}_first_response_s", timing["first_response_s"])
+    report.figure(
+        f"{target}_tiles_per_s", result["slide"]["tiles"] / timing["stream_s"]
+    )
+    return result
+
+
+def check_prediction(
+    report: StepReport,
+    target: str,
+    result: dict,
+    expected_tiles: int,
+    expected_manifest: str,
+) -> None:
+    """Check that a served result is complete and comes from the exported repository."""
+    from histomet.client.predict import DEMO_WEIGHTS_NOTICE
+
+    report.check(
+        f"{target}: prediction status ok",
+        result["status"] == "ok",
+        f"status {result['status']!r}",
+    )
+    tiles = result["slide"]["tiles"]
+    report.check(
+        f"{target}: tile count matches the planned grid",
+        tiles == expected_tiles,
+        f"{tiles} tiles sent, {expected_tiles} planned",
+    )
+    risk = (result.get("risk") or {}).get("probability")
+    report.check(
+        f"{target}: risk probability in [0, 1]",
+        risk is not None and 0.0 <= risk <= 1.0,
+        f"risk probability {risk}",
+    )
+    report.check(
+        f"{target}: demo notice and model spec",
+        result["notice"] == DEMO_WEIGHTS_NOTICE
+        and result["model"]["demo_weights"] is True
+        and result["model"]["manifest_sha256"] == expected_manifest,
+        f"notice {result['notice']!r}, demo_weights "
+        f"{result['model']['demo_weights']}, manifest "
+        f"{str(result['model']['manifest_sha256'])[:12]} (exported "
+        f"{expected_manifest[:12]}), server {result['model']['server']}",
+    )
+
+
+def compare_targets(report: StepReport, gpu: dict, cpu: dict) -> None:
+    """Check that both targets agree on the risk and record the gpu/cpu throughput ratio."""
+    gpu_risk = gpu["risk"]["probability"]
+    cpu_risk = cpu["risk"]["probability"]
+    difference = abs(gpu_risk - cpu_risk)
+    report.check(
+        "gpu and cpu targets agree on the risk",
+        difference <= ENSEMBLE_RISK_TOLERANCE,
+        f"gpu {gpu_risk:.5f}, cpu {cpu_risk:.5f}, difference {difference:.5f} "
+        f"(tolerance {ENSEMBLE_RISK_TOLERANCE})",
+    )
+    report.figure(
+        "gpu_vs_cpu_tiles_per_s",
+        report.figures["gpu_tiles_per_s"] / report.figures["cpu_tiles_per_s"],
+    )
+
+
+def _log_tail(path: Path, max_lines: int = 6, max_characters: int = 1500) -> str:
+    """Return the server log's error lines, or its last lines when it logged none.
+
+    Triton writes glog lines, so an error line starts with ``E`` and the date
+    (``E1204 21:01:30.123456 ...``).
+    """
+    if not path.is_file():
+        return "no log written"
+    lines = path.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if re.match(r"E\d{4} ", line)]
+    chosen = (errors or lines)[-max_lines:]
+    return " | ".join(chosen)[-max_characters:]
+
+
 STEPS: list[Step] = [
     Step("slide", check_slide, budget_s=120.0),
     # The export of the full encoder and one TensorRT build take most of this.
     Step("encoder", check_encoder, budget_s=360.0),
+    # Export, TensorRT engine builds at load, two passes per target on one slide.
+    # The three budgets add up to more than the total, so this step starts only
+    # when the two before it leave 240 s, and is reported as skipped otherwise.
+    Step("ensemble", check_ensemble, budget_s=240.0),
 ]
 
 

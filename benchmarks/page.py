@@ -366,10 +366,22 @@ GPU_SECTION = [
     "eager (bf16 autocast), ONNX Runtime CUDA and ONNX Runtime TensorRT FP16 where "
     "present, each checked against ONNX Runtime on the CPU, with the bf16 matmul "
     "rate for the encoder's share of it and a trtexec plan build when trtexec is on "
-    "PATH.",
+    "PATH;",
+    "- `ensemble`: the client predicts the shared CMU-1 slide through the gpu-target "
+    "demo ensemble (full encoder, ONNX Runtime with TensorRT FP16). The server is an "
+    "external tritonserver with the onnxruntime backend, found through "
+    "`HISTOMET_TRITONSERVER` or at the NGC container's `/opt/tritonserver`. The step "
+    "checks the tile count, risk range, demo notice and manifest. It records the "
+    "server start and a warm-up prediction, which includes any TensorRT engine build "
+    "deferred to the first request. Then it records stream time, first response and "
+    "tiles/s of a second prediction. The baseline is the cpu target from the same "
+    "graphs on the embedded server in the same run, and both targets must give the "
+    "same risk within 0.02. Without a CUDA device or such a server, the step writes "
+    "the gpu-target repository of the tiny encoder, checks its configs and records "
+    "why the rest did not run. It starts only when the two steps before it leave its "
+    "240 s budget, and is reported as skipped otherwise.",
     "",
     "Each step records what ran and what was not available.",
-    "A full slide through a GPU-target ensemble is not a step yet.",
     "",
 ]
 

@@ -474,3 +474,15 @@ def test_any_bag_size_fits_the_tensorrt_profiles(tmp_path, tiny_export):
         )
     assert outputs["tiles_pooled_out"][0] == n_tiles
     assert 0.0 < outputs["risk_probability"][0] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ("onnxruntime-tensorrt", ("onnxruntime",)),
+        ("onnxruntime-cuda", ("onnxruntime",)),
+        ("tensorrt-plan", ("onnxruntime", "tensorrt")),
+    ],
+)
+def test_gpu_target_names_its_triton_backends(backend, expected):
+    assert GpuServingOptions(encoder_backend=backend).triton_backends == expected

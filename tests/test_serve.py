@@ -452,3 +452,102 @@ def test_server_error_mid_slide_aborts_both_models(triton_server):
     assert responses[1][1] is not None
     assert responses[2][1] is None
     assert after == baseline
+
+
+def _fake_ngc_layout(root: Path, backends: tuple[str, ...]) -> Path:
+    """Lay out a server tree like the NGC container's; the binary is never run."""
+    binary = root / "bin" / "tritonserver"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 1\n")
+    binary.chmod(0o755)
+    for name in backends:
+        folder = root / "backends" / name
+        folder.mkdir(parents=True)
+        (folder / f"libtriton_{name}.so").write_bytes(b"")
+    return binary
+
+
+def test_external_server_missing_binary_names_default(tmp_path):
+    from histomet.serve.launcher import find_external_server
+
+    if Path("/opt/tritonserver/bin/tritonserver").exists():
+        pytest.skip("this machine has a tritonserver at the NGC container's path")
+    with pytest.raises(ServerUnavailableError) as raised:
+        find_external_server(("onnxruntime",), environ={})
+
+    message = str(raised.value)
+    assert "/opt/tritonserver/bin/tritonserver" in message
+    assert "HISTOMET_TRITONSERVER is not set" in message
+
+
+def test_external_server_configured_binary_missing(tmp_path):
+    from histomet.serve.launcher import find_external_server
+
+    missing = tmp_path / "nowhere" / "tritonserver"
+    with pytest.raises(ServerUnavailableError) as raised:
+        find_external_server(
+            ("onnxruntime",), environ={"HISTOMET_TRITONSERVER": str(missing)}
+        )
+
+    assert f"{missing} (from HISTOMET_TRITONSERVER)" in str(raised.value)
+
+
+def test_external_server_missing_backend_is_named(tmp_path):
+    from histomet.serve.launcher import find_external_server
+
+    binary = _fake_ngc_layout(tmp_path, ("python",))
+    with pytest.raises(ServerUnavailableError) as raised:
+        find_external_server(
+            ("onnxruntime", "tensorrt"), environ={"HISTOMET_TRITONSERVER": str(binary)}
+        )
+
+    message = str(raised.value)
+    assert str(tmp_path / "backends") in message
+    assert "onnxruntime/libtriton_onnxruntime.so" in message
+    assert "tensorrt/libtriton_tensorrt.so" in message
+
+
+def test_external_server_backend_dir_override(tmp_path):
+    from histomet.serve.launcher import find_external_server
+
+    binary = _fake_ngc_layout(tmp_path / "server", ())
+    _fake_ngc_layout(tmp_path / "other", ("onnxruntime",))
+    environ = {
+        "HISTOMET_TRITONSERVER": str(binary),
+        "HISTOMET_TRITON_BACKEND_DIR": str(tmp_path / "other" / "backends"),
+    }
+
+    found = find_external_server(("onnxruntime",), environ=environ)
+
+    assert found.binary == binary
+    assert found.backend_dir == tmp_path / "other" / "backends"
+
+
+def test_external_server_backend_dir_missing(tmp_path):
+    from histomet.serve.launcher import find_external_server
+
+    binary = _fake_ngc_layout(tmp_path, ())
+    environ = {
+        "HISTOMET_TRITONSERVER": str(binary),
+        "HISTOMET_TRITON_BACKEND_DIR": str(tmp_path / "absent"),
+    }
+    with pytest.raises(ServerUnavailableError) as raised:
+        find_external_server(("onnxruntime",), environ=environ)
+
+    assert "backend directory not found" in str(raised.value)
+    assert str(tmp_path / "absent") in str(raised.value)
+
+
+def test_external_server_command_uses_its_paths(tmp_path):
+    from histomet.serve.launcher import ExternalServer
+    from histomet.serve.launcher import server_command
+
+    binary = _fake_ngc_layout(tmp_path, ("onnxruntime",))
+    external = ExternalServer(binary=binary, backend_dir=tmp_path / "backends")
+    config = ServerConfig(repository=tmp_path / "repository", external=external)
+
+    command = server_command(config, external.backend_dir)
+
+    assert command[0] == str(binary)
+    assert f"--backend-directory={tmp_path / 'backends'}" in command
+    assert "--grpc-address=127.0.0.1" in command

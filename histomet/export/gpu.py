@@ -120,6 +120,13 @@ class GpuServingOptions:
             )
 
     @property
+    def triton_backends(self) -> tuple[str, ...]:
+        """Return the Triton backends that serve this target with these options."""
+        if self.encoder_backend == "tensorrt-plan":
+            return ("onnxruntime", "tensorrt")
+        return ("onnxruntime",)
+
+    @property
     def batch_profile(self) -> BatchProfile:
         """Return the encoder profile: every batch size Triton can form."""
         opt = max(self.encoder_preferred_batches, default=self.encoder_max_batch)

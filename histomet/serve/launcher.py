@@ -19,6 +19,11 @@ gRPC, where Triton 2.51 adds that prefix (``grpc_admin_headers``; flags
 ``--http-restricted-api`` and ``--grpc-restricted-protocol``); inference, health, metadata and
 model configs stay open.
 
+``ServerConfig.external`` runs another ``tritonserver`` build instead, such as the
+NGC container's, which has the ONNX Runtime and TensorRT backends that the ``gpu``
+target needs. :func:`find_external_server` locates one from ``HISTOMET_TRITONSERVER``
+or the NGC container's ``/opt/tritonserver``.
+
 Usage::
 
     with LocalTritonServer(ServerConfig(repository=Path("model_repository"))) as server:
@@ -60,6 +65,18 @@ ADMIN_KEY_ENV = "HISTOMET_TRITON_ADMIN_KEY"
 # restricted: every endpoint group that changes the server's state.
 ADMIN_KEY_HEADER = "admin-key"
 RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+TRITONSERVER_ENV = "HISTOMET_TRITONSERVER"
+BACKEND_DIR_ENV = "HISTOMET_TRITON_BACKEND_DIR"
+# The server binary's path in the NGC tritonserver container.
+NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
+
+
+@dataclass(frozen=True)
+class ExternalServer:
+    """A ``tritonserver`` binary and backend directory installed outside this environment."""
+
+    binary: Path
+    backend_dir: Path
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,8 @@ class ServerConfig:
     # this host can read it from /proc. Run the server as its own user.
     admin_key: str | None = field(default_factory=_admin_key_from_environment)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # None runs the embedded server from nvidia-pytriton.
+    external: ExternalServer | None = None
 
 
 def _pytriton_root() -> Path:
@@ -163,6 +182,66 @@ def prepare_backend_dir(cache_dir: Path | None = None) -> Path:
     return backend_dir
 
 
+def find_external_server(
+    backends: tuple[str, ...], environ: dict[str, str] | None = None
+) -> ExternalServer:
+    """Locate a ``tritonserver`` whose backend directory has every backend in ``backends``.
+
+    The binary is ``$HISTOMET_TRITONSERVER`` when set, else the NGC container's
+    ``/opt/tritonserver/bin/tritonserver``. The backend directory is
+    ``$HISTOMET_TRITON_BACKEND_DIR`` when set, else ``backends`` next to the
+    binary's ``bin``. A backend counts as present when its folder contains
+    ``libtriton_<name>.so``, the library Triton loads for it. Raises
+    ``ServerUnavailableError`` naming the path and variable that were checked.
+    """
+    env = os.environ if environ is None else environ
+    configured = env.get(TRITONSERVER_ENV)
+    binary = Path(configured) if configured else NGC_TRITONSERVER
+    if not binary.is_file():
+        where = (
+            f"{binary} (from {TRITONSERVER_ENV})"
+            if configured
+            else f"{binary} ({TRITONSERVER_ENV} is not set, and this is the NGC "
+            "container's path)"
+        )
+        raise ServerUnavailableError(
+            f"tritonserver binary not found: {where}",
+            f"run inside the NGC tritonserver container or set {TRITONSERVER_ENV} "
+            "to the path of a tritonserver binary",
+        )
+    if not os.access(binary, os.X_OK):
+        raise ServerUnavailableError(
+            f"tritonserver binary {binary} is not executable",
+            f"make it executable or set {TRITONSERVER_ENV} to another binary",
+        )
+    configured_dir = env.get(BACKEND_DIR_ENV)
+    backend_dir = (
+        Path(configured_dir) if configured_dir else binary.parent.parent / "backends"
+    )
+    where = (
+        f"{backend_dir} (from {BACKEND_DIR_ENV})"
+        if configured_dir
+        else f"{backend_dir} (next to the binary; {BACKEND_DIR_ENV} is not set)"
+    )
+    if not backend_dir.is_dir():
+        raise ServerUnavailableError(
+            f"Triton backend directory not found: {where}",
+            f"set {BACKEND_DIR_ENV} to the folder that contains the backends",
+        )
+    missing = [
+        f"{name}/libtriton_{name}.so"
+        for name in backends
+        if not (backend_dir / name / f"libtriton_{name}.so").is_file()
+    ]
+    if missing:
+        raise ServerUnavailableError(
+            f"Triton backend directory {where} is missing {', '.join(missing)}",
+            "run inside an NGC tritonserver image that ships these backends, or set "
+            f"{BACKEND_DIR_ENV} to a directory that contains them",
+        )
+    return ExternalServer(binary=binary, backend_dir=backend_dir)
+
+
 def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """Return the environment that lets the wheel's server and stub find their libraries."""
     env = dict(os.environ if base is None else base)
@@ -182,8 +261,9 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
 
 def server_command(config: ServerConfig, backend_dir: Path) -> list[str]:
     """Build the ``tritonserver`` command line for ``config``."""
+    binary = config.external.binary if config.external else tritonserver_binary()
     command = [
-        str(tritonserver_binary()),
+        str(binary),
         # absolute(), not resolve(): a publish root serves through its "current"
         # symbolic link, which must be followed anew at each model load.
         f"--model-repository={config.repository.absolute()}",
@@ -438,7 +518,15 @@ class LocalTritonServer:
         check_repository(repository)
         check_ports_free(self.config)
 
-        backend_dir = prepare_backend_dir()
+        external = self.config.external
+        # An external server brings its own libraries, so the embedded server's
+        # library path and Python backend stay out of its environment.
+        if external is None:
+            backend_dir = prepare_backend_dir()
+            environment = server_environment()
+        else:
+            backend_dir = external.backend_dir
+            environment = dict(os.environ)
         command = server_command(self.config, backend_dir)
         _LOGGER.info("starting tritonserver for repository %s", repository)
         _LOGGER.debug("command: %s", " ".join(_hide_admin_key(command)))
@@ -450,7 +538,7 @@ class LocalTritonServer:
             output = self._log_handle
         self._process = subprocess.Popen(
             command,
-            env=server_environment(),
+            env=environment,
             stdout=output,
             stderr=subprocess.STDOUT if output is not None else None,
             start_new_session=True,
