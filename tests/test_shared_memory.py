@@ -14,6 +14,7 @@ from histomet.client.predict import PredictOptions
 from histomet.client.predict import predict_slide
 from histomet.client.shm import SharedMemoryError
 from histomet.client.shm import SharedTileRing
+from histomet.serve.launcher import ADMIN_KEY_ENV
 from histomet.serve.launcher import LocalTritonServer
 
 from .conftest import CMU_SMALL
@@ -108,3 +109,33 @@ def test_ring_rejects_invalid_sizes(triton_server) -> None:
         SharedTileRing(client, slots=0, slot_bytes=10)
     with pytest.raises(ValueError, match="invalid slot size 0 bytes"):
         SharedTileRing(client, slots=1, slot_bytes=0)
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm on this system")
+def test_admin_key_server_needs_the_key(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Check the hint without the key, then a prediction with it from the environment."""
+    admin_key = "k" * 32
+    server = LocalTritonServer(
+        loopback_config(tiny_repository, admin_key=admin_key, startup_timeout_s=120),
+        log_path=tmp_path / "server.log",
+    )
+    before = _own_regions()
+    with server:
+        monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+        with pytest.raises(SharedMemoryError) as raised:
+            predict_slide(
+                CMU_SMALL,
+                PredictOptions(url=server.grpc_url, batch_size=4, shared_memory=True),
+            )
+        assert ADMIN_KEY_ENV in raised.value.hint
+        assert _own_regions() == before
+
+        monkeypatch.setenv(ADMIN_KEY_ENV, admin_key)
+        result = predict_slide(
+            CMU_SMALL,
+            PredictOptions(url=server.grpc_url, batch_size=4, shared_memory=True),
+        )
+        assert result["slide"]["tiles"] == 14
+        assert _own_regions() == before

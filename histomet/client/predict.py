@@ -32,6 +32,7 @@ import tritonclient.grpc as grpcclient
 
 from histomet.client.served_model import ServedModel
 from histomet.client.shm import SharedTileRing
+from histomet.client.shm import admin_headers_from_environment
 from histomet.client.served_model import connect
 from histomet.client.served_model import describe
 from histomet.client.served_model import TlsSettings
@@ -260,6 +261,7 @@ def _score_once(
                     client,
                     slots=options.max_in_flight,
                     slot_bytes=batch_size * grid.tile_px * grid.tile_px * 3,
+                    headers=admin_headers_from_environment(),
                 )
             )
         stream = stream_slide(

@@ -26,8 +26,16 @@ import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import InferenceServerException
 
 from histomet.errors import InferenceError
+from histomet.serve.launcher import ADMIN_KEY_ENV
+from histomet.serve.launcher import grpc_admin_headers
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def admin_headers_from_environment() -> dict[str, str] | None:
+    """Return the admin-key headers when ``HISTOMET_TRITON_ADMIN_KEY`` is set."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    return grpc_admin_headers(key) if key else None
 
 
 class SharedMemoryError(InferenceError):
@@ -38,13 +46,20 @@ class SharedTileRing:
     """Registered system shared memory regions, one slot per request in flight."""
 
     def __init__(
-        self, client: grpcclient.InferenceServerClient, slots: int, slot_bytes: int
+        self,
+        client: grpcclient.InferenceServerClient,
+        slots: int,
+        slot_bytes: int,
+        headers: dict[str, str] | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"invalid slot count {slots}: expected >= 1")
         if slot_bytes < 1:
             raise ValueError(f"invalid slot size {slot_bytes} bytes: expected >= 1")
         self._client = client
+        # A server started with an admin key restricts the shared-memory protocol
+        # to requests that carry the key.
+        self._headers = headers
         self.slot_bytes = slot_bytes
         # Names are unique per process and ring, so two clients on one host, or
         # two slides in one process, never write into each other's regions.
@@ -63,18 +78,27 @@ class SharedTileRing:
                 )
                 self._handles.append(handle)
                 self._client.register_system_shared_memory(
-                    name, f"/{name}", self.slot_bytes
+                    name, f"/{name}", self.slot_bytes, headers=self._headers
                 )
                 self._registered.append(name)
                 self._free.put(index)
         except (InferenceServerException, system_shm.SharedMemoryException) as error:
             self.close()
             message = error.message() if hasattr(error, "message") else str(error)
+            hint = (
+                "--shared-memory needs the client and the server on one host with "
+                "one /dev/shm (in Kubernetes, one pod); run without it otherwise"
+            )
+            if "admin-key" in message or "restricted" in message.lower():
+                hint = (
+                    "the server restricts shared memory to its admin key: set "
+                    f"{ADMIN_KEY_ENV} for the client as well, or run without "
+                    "--shared-memory"
+                )
             raise SharedMemoryError(
                 f"setting up system shared memory slots of {self.slot_bytes} bytes "
                 f"with the server failed ({message})",
-                "--shared-memory needs the client and the server on one host with "
-                "one /dev/shm (in Kubernetes, one pod); run without it otherwise",
+                hint,
             ) from error
         return self
 
@@ -111,7 +135,9 @@ class SharedTileRing:
         """Unregister and destroy every region; failures are logged, not raised."""
         for name in self._registered:
             try:
-                self._client.unregister_system_shared_memory(name)
+                self._client.unregister_system_shared_memory(
+                    name, headers=self._headers
+                )
             except InferenceServerException as error:
                 _LOGGER.info("could not unregister shared memory %s: %s", name, error)
         self._registered = []
