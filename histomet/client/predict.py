@@ -32,7 +32,6 @@ import tritonclient.grpc as grpcclient
 
 from histomet.client.served_model import ServedModel
 from histomet.client.shm import SharedTileRing
-from histomet.client.shm import admin_headers_from_environment
 from histomet.client.served_model import connect
 from histomet.client.served_model import describe
 from histomet.client.served_model import TlsSettings
@@ -43,6 +42,7 @@ from histomet.client.stream import StreamFailedError
 from histomet.client.stream import StreamResult
 from histomet.client.stream import stream_slide
 from histomet.errors import HistometError
+from histomet.serve.launcher import admin_headers
 from histomet.errors import InferenceError
 from histomet.errors import InputError
 from histomet.errors import ModelConfigError
@@ -261,7 +261,7 @@ def _score_once(
                     client,
                     slots=options.max_in_flight,
                     slot_bytes=batch_size * grid.tile_px * grid.tile_px * 3,
-                    headers=admin_headers_from_environment(),
+                    headers=admin_headers(),
                 )
             )
         stream = stream_slide(

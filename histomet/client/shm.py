@@ -27,15 +27,8 @@ from tritonclient.utils import InferenceServerException
 
 from histomet.errors import InferenceError
 from histomet.serve.launcher import ADMIN_KEY_ENV
-from histomet.serve.launcher import grpc_admin_headers
 
 _LOGGER = logging.getLogger(__name__)
-
-
-def admin_headers_from_environment() -> dict[str, str] | None:
-    """Return the admin-key headers when ``HISTOMET_TRITON_ADMIN_KEY`` is set."""
-    key = os.environ.get(ADMIN_KEY_ENV)
-    return grpc_admin_headers(key) if key else None
 
 
 class SharedMemoryError(InferenceError):

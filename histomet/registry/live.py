@@ -20,7 +20,6 @@ to the old view, the new models are unloaded, and the alias does not move.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -40,8 +39,7 @@ from histomet.registry.version_bundle import GOLDEN_ATOL
 from histomet.registry.version_bundle import GOLDEN_CHUNK
 from histomet.registry.version_bundle import VersionBundle
 from histomet.registry.version_bundle import compare_golden
-from histomet.serve.launcher import ADMIN_KEY_ENV
-from histomet.serve.launcher import grpc_admin_headers
+from histomet.serve.launcher import admin_headers
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -147,11 +145,6 @@ def _version_models(version: int) -> list[str]:
     return [names.encoder, names.risk, names.site, names.ensemble]
 
 
-def _admin_headers(admin_key: str | None) -> dict[str, str] | None:
-    key = admin_key or os.environ.get(ADMIN_KEY_ENV)
-    return grpc_admin_headers(key) if key else None
-
-
 def switch_server(
     registry: Registry,
     name: str,
@@ -173,7 +166,7 @@ def switch_server(
     _check_reachable(url)
     before = current_view(root)
     published = publish(registry, name, str(version), root)
-    client = _AdminClient(url, _admin_headers(admin_key))
+    client = _AdminClient(url, admin_headers(admin_key))
     new_models = _version_models(version)
     try:
         try:

@@ -97,6 +97,15 @@ def _admin_key_from_environment() -> str | None:
     return os.environ.get(ADMIN_KEY_ENV) or None
 
 
+def admin_headers(admin_key: str | None = None) -> dict[str, str] | None:
+    """Return the admin headers for ``admin_key``, else for ``$HISTOMET_TRITON_ADMIN_KEY``.
+
+    Returns None when neither is set, for a server without an admin key.
+    """
+    key = admin_key or _admin_key_from_environment()
+    return grpc_admin_headers(key) if key else None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings for one local ``tritonserver`` process."""
