@@ -53,6 +53,20 @@ def server_peak_rss_mib(server_pid: int) -> tuple[float, int]:
     return sum(peak_rss_mib(pid) for pid in pids), len(pids)
 
 
+def cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU seconds that process ``pid`` has used."""
+    import os
+
+    # Fields 14 and 15 of /proc/PID/stat, after the command name in parentheses.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(server_pid: int) -> float:
+    """Return the CPU seconds of a server and its backend stubs, summed."""
+    return sum(cpu_seconds(pid) for pid in process_group(server_pid))
+
+
 def scrape_metrics(url: str) -> dict[tuple[str, str], float]:
     """Return Prometheus samples of a Triton metrics endpoint as {(name, model): value}."""
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -110,6 +124,7 @@ def time_halves(
     from histomet.slide import plan_slide_tiles
 
     read_s = infer_s = 0.0
+    batch_infer_s: list[float] = []
     first_batch_read_s = first_batch_infer_s = last_batch_infer_s = 0.0
     n_tiles = 0
     started = time.perf_counter()
@@ -133,6 +148,7 @@ def time_halves(
             session.run(None, {"tiles": np.ascontiguousarray(batch.tiles)})
             last_batch_infer_s = time.perf_counter() - step
             infer_s += last_batch_infer_s
+            batch_infer_s.append(last_batch_infer_s)
             if not n_tiles:
                 first_batch_read_s = read_elapsed
                 first_batch_infer_s = last_batch_infer_s
@@ -145,6 +161,7 @@ def time_halves(
         "first_batch_read_s": first_batch_read_s,
         "first_batch_infer_s": first_batch_infer_s,
         "last_batch_infer_s": last_batch_infer_s,
+        "batch_infer_s": batch_infer_s,
     }
 
 

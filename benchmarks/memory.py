@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -28,13 +29,17 @@ def client_main(slide: Path, url: str, batch_size: int) -> int:
     from histomet.client.predict import PredictOptions
     from histomet.client.predict import predict_slide
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = predict_slide(slide, PredictOptions(url=url, batch_size=batch_size))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     print(
         json.dumps(
             {
                 "tiles": result["slide"]["tiles"],
                 "timing_s": result["timing_s"],
                 "peak_rss_mib": peak_rss_mib(os.getpid()),
+                "cpu_s": cpu_s,
             }
         )
     )
@@ -82,6 +87,7 @@ def measure_slide(
     """
     from measure import queue_figures
     from measure import scrape_metrics
+    from measure import server_cpu_seconds
     from measure import server_peak_rss_mib
     from measure import time_halves
 
@@ -102,7 +108,9 @@ def measure_slide(
         run_client(warm_up, server.grpc_url, batch_size)
         warm_mib, _ = server_peak_rss_mib(server.process.pid)
         before = scrape_metrics(server.metrics_url)
+        server_cpu_before = server_cpu_seconds(server.process.pid)
         client = run_client(slide, server.grpc_url, batch_size)
+        server_cpu_s = server_cpu_seconds(server.process.pid) - server_cpu_before
         after = scrape_metrics(server.metrics_url)
         server_mib, n_processes = server_peak_rss_mib(server.process.pid)
     halves = time_halves(slide, session, model_spec, batch_size)
@@ -112,6 +120,7 @@ def measure_slide(
         "server_peak_mib": server_mib,
         "server_warm_mib": warm_mib,
         "server_processes": n_processes,
+        "server_cpu_s": server_cpu_s,
         "queue": queue_figures(before, after, "patch_encoder"),
         "halves": halves,
     }

@@ -223,9 +223,10 @@ def overlap_section(full: dict) -> tuple[list[str], float]:
         f"({full['first_batch_read_s']:.2f} s read + "
         f"{full['first_batch_infer_s']:.2f} s inference) | "
         f"{full['first_response_s'] / max(start_bound, 1e-9):.2f} |",
-        f"| tail: last request to last response | {tail_s:.2f} s | last batch "
-        f"inference in-process {full['last_batch_infer_s']:.2f} s | "
-        f"{tail_s / max(full['last_batch_infer_s'], 1e-9):.2f} |",
+        f"| tail: last request to last response | {tail_s:.2f} s | inference of "
+        f"the last {full['max_in_flight']} batches in-process "
+        f"{full['tail_bound_s']:.2f} s | "
+        f"{tail_s / max(full['tail_bound_s'], 1e-9):.2f} |",
         f"| server queue time (patch_encoder, Triton metrics) | {full['queue_s']:.3f} s "
         f"over {full['requests']:.0f} requests | stream {full['stream_s']:.2f} s | "
         f"{full['queue_s'] / full['stream_s']:.3f} |",
@@ -308,8 +309,17 @@ def memory_section(memory: dict | None) -> tuple[list[str], float | None, float 
     small, large = memory["small"], memory["large"]
     client_ratio = large["client"]["peak_rss_mib"] / small["client"]["peak_rss_mib"]
     server_ratio = large["server_peak_mib"] / small["server_peak_mib"]
-    rows = []
+    rows, cpu_rows, busy = [], [], []
+    cores = os.cpu_count() or 1
     for label, item in (("small", small), ("large", large)):
+        wall_s = item["client"]["timing_s"]["total_s"]
+        used_s = item["client"]["cpu_s"] + item["server_cpu_s"]
+        busy.append(used_s / (cores * wall_s))
+        cpu_rows.append(
+            f"| {label} | {wall_s:.1f} s | {item['halves']['read_s']:.1f} s | "
+            f"{item['client']['cpu_s']:.1f} s | {item['server_cpu_s']:.1f} s | "
+            f"{busy[-1]:.0%} |"
+        )
         halves = item["halves"]
         bound = max(halves["read_s"], halves["infer_s"])
         rows.append(
@@ -348,8 +358,34 @@ def memory_section(memory: dict | None) -> tuple[list[str], float | None, float 
         f"| server peak RSS (MiB) | {large['server_peak_mib']:.0f} | "
         f"{small['server_peak_mib']:.0f} | {server_ratio:.3f} |",
         "",
+        "Why the read-bound stream takes longer than reading alone: CPU time of the "
+        "client's prediction (getrusage) and of the server's processes (/proc) "
+        f"during it, against the prediction's wall time on {cores} cores. The "
+        "prediction also opens the slide and plans its tiles on one core, so the "
+        "share of busy cores is a lower bound for the stream alone. "
+        + cpu_note(min(busy)),
+        "",
+        "| slide | prediction wall | reading alone | client CPU | server CPU | cores "
+        "busy |",
+        "|---|---|---|---|---|---|",
+        *cpu_rows,
+        "",
     ]
     return lines, client_ratio, server_ratio
+
+
+def cpu_note(least_busy: float) -> str:
+    """Return the reading of the cores-busy column, from this run's figures."""
+    if least_busy >= 0.85:
+        return (
+            f"The cores were at least {least_busy:.0%} busy, so client and server "
+            "competed for them: reading alone had every core, and in the stream the "
+            "server's request handling and encoder took cores from the reads."
+        )
+    return (
+        f"The cores were as little as {least_busy:.0%} busy, so the stream also "
+        "waited on something other than CPU, such as the round trips of its requests."
+    )
 
 
 GPU_SECTION = [

@@ -216,6 +216,10 @@ def measure_full_encoder(args, work: Path) -> dict:
         "last_batch_infer_s": statistics.median(
             h["last_batch_infer_s"] for h in halves
         ),
+        # When the last request leaves, up to max_in_flight requests remain.
+        "tail_bound_s": statistics.median(
+            sum(h["batch_infer_s"][-PredictOptions().max_in_flight :]) for h in halves
+        ),
         "queue_s": statistics.median(q["queue_s"] for q in queues),
         "compute_s": statistics.median(q["compute_s"] for q in queues),
         "requests": statistics.median(q["requests"] for q in queues),
