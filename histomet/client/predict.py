@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 
 from histomet.client import identity
 from histomet.client import metrics
@@ -28,13 +29,11 @@ from histomet.client.interpret import TileMaps
 from histomet.client.native_output import NativeOutputMonitor
 from histomet.client.native_output import active_monitor
 from histomet.client.native_output import check_decode_errors
-import tritonclient.grpc as grpcclient
-
 from histomet.client.served_model import ServedModel
-from histomet.client.shm import SharedTileRing
 from histomet.client.served_model import connect
 from histomet.client.served_model import describe
 from histomet.client.served_model import TlsSettings
+from histomet.client.shm import SharedTileRing
 from histomet.client.stream import DeadlineExceededError
 from histomet.client.stream import QueueTimeoutError
 from histomet.client.stream import ServerBusyError
@@ -42,12 +41,12 @@ from histomet.client.stream import StreamFailedError
 from histomet.client.stream import StreamResult
 from histomet.client.stream import stream_slide
 from histomet.errors import HistometError
-from histomet.serve.launcher import admin_headers
 from histomet.errors import InferenceError
 from histomet.errors import InputError
 from histomet.errors import ModelConfigError
 from histomet.errors import ServerUnavailableError
 from histomet.errors import SlideNotFoundError
+from histomet.serve.launcher import admin_headers
 from histomet.slide import Slide
 from histomet.slide import TileGrid
 from histomet.slide import TissueMask
