@@ -136,7 +136,8 @@ def slow_repository(tiny_export, tmp_path_factory) -> Path:
     )
 
 
-def test_server_killed_mid_slide_retried_identically(slow_repository):
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shm"])
+def test_server_killed_mid_slide_retried_identically(slow_repository, shared_memory):
     config = loopback_config(slow_repository)
     options = PredictOptions(
         url=f"127.0.0.1:{config.grpc_port}",
@@ -144,6 +145,7 @@ def test_server_killed_mid_slide_retried_identically(slow_repository):
         retries=6,
         retry_backoff_s=1.0,
         slide_id_key=KEY,
+        shared_memory=shared_memory,
     )
     server = LocalTritonServer(config)
     server.start()
@@ -165,7 +167,9 @@ def test_server_killed_mid_slide_retried_identically(slow_repository):
     assert prediction(run.result) == prediction(undisturbed)
 
 
-def test_server_gone_gives_error_after_last_retry(slow_repository):
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shm"])
+def test_server_gone_gives_error_after_last_retry(slow_repository, shared_memory):
+    """Check the error, also when a dead stream holds every shared memory slot."""
     config = loopback_config(slow_repository)
     options = PredictOptions(
         url=f"127.0.0.1:{config.grpc_port}",
@@ -173,6 +177,7 @@ def test_server_gone_gives_error_after_last_retry(slow_repository):
         retries=2,
         retry_backoff_s=0.2,
         slide_id_key=KEY,
+        shared_memory=shared_memory,
     )
     with LocalTritonServer(config) as server:
         run = Background(options)

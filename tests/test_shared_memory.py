@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as system_shm
 
 from histomet.client.predict import PredictOptions
 from histomet.client.predict import predict_slide
@@ -130,7 +131,16 @@ def test_admin_key_server_needs_the_key(
                 PredictOptions(url=server.grpc_url, batch_size=4, shared_memory=True),
             )
         assert ADMIN_KEY_ENV in raised.value.hint
+        assert "for the client as well" in raised.value.hint
         assert _own_regions() == before
+
+        monkeypatch.setenv(ADMIN_KEY_ENV, "wrong-key")
+        with pytest.raises(SharedMemoryError) as raised:
+            predict_slide(
+                CMU_SMALL,
+                PredictOptions(url=server.grpc_url, batch_size=4, shared_memory=True),
+            )
+        assert "does not match it" in raised.value.hint
 
         monkeypatch.setenv(ADMIN_KEY_ENV, admin_key)
         result = predict_slide(
@@ -139,3 +149,37 @@ def test_admin_key_server_needs_the_key(
         )
         assert result["slide"]["tiles"] == 14
         assert _own_regions() == before
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm on this system")
+def test_ring_unregisters_regions_of_dead_clients(triton_server) -> None:
+    """Check that a region whose file is gone is unregistered, and no other one."""
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    dead = system_shm.create_shared_memory_region(
+        "histomet_1_dead_0", "/histomet_1_dead_0", 64
+    )
+    client.register_system_shared_memory("histomet_1_dead_0", "/histomet_1_dead_0", 64)
+    # A dead client's file is unlinked by Python's resource tracker, as here.
+    system_shm.destroy_shared_memory_region(dead)
+    alive = system_shm.create_shared_memory_region(
+        "histomet_1_alive_0", "/histomet_1_alive_0", 64
+    )
+    client.register_system_shared_memory(
+        "histomet_1_alive_0", "/histomet_1_alive_0", 64
+    )
+    other = system_shm.create_shared_memory_region("other_0", "/other_0", 64)
+    client.register_system_shared_memory("other_0", "/other_0", 64)
+    system_shm.destroy_shared_memory_region(other)
+    try:
+        with SharedTileRing(client, slots=1, slot_bytes=64):
+            regions = set(
+                client.get_system_shared_memory_status(as_json=True)["regions"]
+            )
+    finally:
+        client.unregister_system_shared_memory("histomet_1_alive_0")
+        client.unregister_system_shared_memory("other_0")
+        system_shm.destroy_shared_memory_region(alive)
+
+    assert "histomet_1_dead_0" not in regions
+    assert "histomet_1_alive_0" in regions
+    assert "other_0" in regions

@@ -9,7 +9,13 @@ pod that share an ``emptyDir`` with ``medium: Memory`` mounted at ``/dev/shm``.
 
 The ring has one slot per request that may be in flight. A slot is taken when a
 batch is sent and given back when that request's response arrives, so a batch
-is never overwritten while the server may still read it.
+is never overwritten while the server may still read it. When the stream breaks,
+every slot is given back, because the server has dropped the requests in flight.
+
+A client killed with SIGKILL cannot unregister its regions, so the server keeps
+them mapped. Python's resource tracker still unlinks the client's files in
+/dev/shm, so the next ring unregisters every ``histomet_`` region whose file is
+gone: a live client's region always has its file.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import logging
 import os
 import queue
 import secrets
+import threading
+from pathlib import Path
 from types import TracebackType
 
 import numpy as np
@@ -29,6 +37,9 @@ from histomet.errors import InferenceError
 from histomet.serve.launcher import ADMIN_KEY_ENV
 
 _LOGGER = logging.getLogger(__name__)
+
+_PREFIX = "histomet_"
+_SHM_DIR = Path("/dev/shm")
 
 
 class SharedMemoryError(InferenceError):
@@ -56,15 +67,17 @@ class SharedTileRing:
         self.slot_bytes = slot_bytes
         # Names are unique per process and ring, so two clients on one host, or
         # two slides in one process, never write into each other's regions.
-        prefix = f"histomet_{os.getpid()}_{secrets.token_hex(4)}"
+        prefix = f"{_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
         self.names = [f"{prefix}_{index}" for index in range(slots)]
         self._handles: list = []
         self._registered: list[str] = []
         self._free: queue.Queue[int] = queue.Queue()
         self._in_use: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> SharedTileRing:
         try:
+            self._unregister_orphans()
             for index, name in enumerate(self.names):
                 handle = system_shm.create_shared_memory_region(
                     name, f"/{name}", self.slot_bytes
@@ -87,6 +100,10 @@ class SharedTileRing:
                     "the server restricts shared memory to its admin key: set "
                     f"{ADMIN_KEY_ENV} for the client as well, or run without "
                     "--shared-memory"
+                    if self._headers is None
+                    else f"the server restricts shared memory to its admin key, and "
+                    f"{ADMIN_KEY_ENV} does not match it: set the server's key, or "
+                    "run without --shared-memory"
                 )
             raise SharedMemoryError(
                 f"setting up system shared memory slots of {self.slot_bytes} bytes "
@@ -103,26 +120,58 @@ class SharedTileRing:
     ) -> None:
         self.close()
 
-    def put(self, request_id: str, tiles: np.ndarray) -> tuple[str, int]:
+    def put(
+        self, request_id: str, tiles: np.ndarray, timeout_s: float = 600.0
+    ) -> tuple[str, int]:
         """Write a batch into a free slot and return the region name and byte count.
 
-        Blocks until a slot is free. The caller's in-flight window keeps one free.
+        Waits up to ``timeout_s`` for a free slot. The caller's in-flight window
+        keeps one free, so the wait ends at once unless responses stopped coming.
         """
         if tiles.nbytes > self.slot_bytes:
             raise ValueError(
                 f"a batch of {tiles.nbytes} bytes does not fit a "
                 f"{self.slot_bytes}-byte slot"
             )
-        index = self._free.get()
+        try:
+            index = self._free.get(timeout=timeout_s)
+        except queue.Empty:
+            raise SharedMemoryError(
+                f"no shared memory slot was freed within {timeout_s:g} s",
+                "the server stopped answering; retry the slide when it is back",
+            ) from None
         system_shm.set_shared_memory_region(self._handles[index], [tiles])
-        self._in_use[request_id] = index
+        with self._lock:
+            self._in_use[request_id] = index
         return self.names[index], tiles.nbytes
 
     def release(self, request_id: str | None) -> None:
-        """Give back the slot of a request whose response or error arrived."""
-        index = self._in_use.pop(request_id, None) if request_id is not None else None
-        if index is not None:
+        """Give back the slot of a request whose response or error arrived.
+
+        An error without a request id means that the stream broke, and then
+        every slot is given back.
+        """
+        with self._lock:
+            if request_id is None:
+                freed = list(self._in_use.values())
+                self._in_use.clear()
+            else:
+                index = self._in_use.pop(request_id, None)
+                freed = [] if index is None else [index]
+        for index in freed:
             self._free.put(index)
+
+    def _unregister_orphans(self) -> None:
+        """Unregister ``histomet_`` regions whose files a dead client left unlinked."""
+        status = self._client.get_system_shared_memory_status(
+            headers=self._headers, as_json=True
+        )
+        for name, region in status.get("regions", {}).items():
+            key = str(region.get("key", "")).lstrip("/")
+            if not name.startswith(_PREFIX) or not key or (_SHM_DIR / key).exists():
+                continue
+            self._client.unregister_system_shared_memory(name, headers=self._headers)
+            _LOGGER.info("unregistered shared memory %s left by a stopped client", name)
 
     def close(self) -> None:
         """Unregister and destroy every region; failures are logged, not raised."""

@@ -279,6 +279,10 @@ def stream_slide(
                 collect(block=False, timeout_s=0.0)
                 if time.monotonic() - waited_since > response_timeout_s:
                     raise timed_out()
+            # A failed response released the window too, so it is raised here
+            # before another batch is sent.
+            while not responses.empty():
+                collect(block=False, timeout_s=0.0)
             end = tiles_sent + count == n_tiles
             try:
                 _send(
@@ -290,6 +294,7 @@ def stream_slide(
                     sequence_id,
                     end,
                     shared_tiles,
+                    response_timeout_s,
                 )
             except InferenceServerException as error:
                 raise StreamFailedError(
@@ -453,13 +458,14 @@ def _send(
     sequence_id: int,
     end: bool,
     shared_tiles: SharedTileRing | None = None,
+    timeout_s: float = 600.0,
 ) -> None:
     tiles = np.ascontiguousarray(batch.tiles, dtype=np.uint8)
     tiles_input = grpcclient.InferInput(spec.TILES, list(tiles.shape), "UINT8")
     if shared_tiles is None:
         tiles_input.set_data_from_numpy(tiles)
     else:
-        region, byte_size = shared_tiles.put(str(index), tiles)
+        region, byte_size = shared_tiles.put(str(index), tiles, timeout_s)
         tiles_input.set_shared_memory(region, byte_size)
     offset_input = grpcclient.InferInput(spec.TILE_OFFSET, [1], "INT64")
     offset_input.set_data_from_numpy(np.array([batch.offset], dtype=np.int64))
