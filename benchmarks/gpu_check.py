@@ -786,7 +786,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the reports as JSON here")
     parser.add_argument(
-        "--only", nargs="+", metavar="NAME", help="run only these steps (default: all)"
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only these steps: "
+        + ", ".join(step.name for step in STEPS)
+        + " (default: all)",
     )
     parser.add_argument(
         "--budget-s",

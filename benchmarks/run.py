@@ -187,6 +187,7 @@ def measure_full_encoder(args, work: Path) -> dict:
         "model_spec": model_spec,
         "tiles": tiles,
         "batch_size": batch_size,
+        "repeats": args.repeats,
         "slide_name": args.slide.name,
         "reader": served[0]["slide"]["reader"],
         "max_in_flight": PredictOptions().max_in_flight,
@@ -339,15 +340,81 @@ def measure_memory(args, work: Path) -> dict:
     return results
 
 
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Reject what would fail only after minutes of measuring, before any of it."""
+    from histomet.errors import HistometError
+    from histomet.slide import open_slide
+
+    if not args.slide.exists():
+        parser.error(f"--slide {args.slide}: not found")
+    try:
+        with open_slide(args.slide):
+            pass
+    except HistometError as error:
+        parser.error(f"--slide {args.slide}: {error}")
+    if "memory" not in args.skip:
+        minimum = 4096
+        if args.small_px < minimum:
+            parser.error(
+                f"--small-px {args.small_px}: expected >= {minimum}, so that the small "
+                "slide fills the client's pipeline"
+            )
+        if args.large_px <= args.small_px:
+            parser.error(
+                f"--large-px {args.large_px}: expected more than --small-px "
+                f"{args.small_px}"
+            )
+
+
 def main() -> int:
+    from histomet.arguments import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", choices=("full", "tiny"), default="full")
-    parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant-repeats", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--small-px", type=int, default=16384)
-    parser.add_argument("--large-px", type=int, default=40000)
+    parser.add_argument(
+        "--encoder",
+        choices=("full", "tiny"),
+        default="full",
+        help="encoder for the encoder, serving and overlap sections; tiny is a quick "
+        "check of the script (default: full)",
+    )
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=DEFAULT_SLIDE,
+        help="slide for the encoder, serving and overlap sections; the further shared "
+        f"slides are looked up next to it (default: {DEFAULT_SLIDE.name} in the "
+        "shared slides folder)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="interleaved runs whose median each figure takes (default: 3)",
+    )
+    parser.add_argument(
+        "--variant-repeats",
+        type=positive_int,
+        default=2,
+        help="runs per serving variant (default: 2)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=4,
+        help="tiles per request, capped by the encoder's max batch (default: 4)",
+    )
+    parser.add_argument(
+        "--small-px",
+        type=positive_int,
+        default=16384,
+        help="side of the small synthetic slide in pixels (default: 16384)",
+    )
+    parser.add_argument(
+        "--large-px",
+        type=positive_int,
+        default=40000,
+        help="side of the large synthetic slide in pixels (default: 40000)",
+    )
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -355,8 +422,14 @@ def main() -> int:
         choices=("variants", "memory"),
         help="sections to leave out; the page says which were skipped",
     )
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks.md",
+        help="page to write (default: docs/benchmarks.md)",
+    )
     args = parser.parse_args()
+    check_arguments(parser, args)
 
     started = time.perf_counter()
     load_start = os.getloadavg()
