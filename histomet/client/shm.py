@@ -77,7 +77,6 @@ class SharedTileRing:
 
     def __enter__(self) -> SharedTileRing:
         try:
-            self._unregister_orphans()
             for index, name in enumerate(self.names):
                 handle = system_shm.create_shared_memory_region(
                     name, f"/{name}", self.slot_bytes
@@ -88,6 +87,9 @@ class SharedTileRing:
                 )
                 self._registered.append(name)
                 self._free.put(index)
+            # Only after the server mapped this client's regions: that proves one
+            # /dev/shm, so a missing file means a dead client, not another host.
+            self._unregister_orphans()
         except (InferenceServerException, system_shm.SharedMemoryException) as error:
             self.close()
             message = error.message() if hasattr(error, "message") else str(error)
