@@ -32,15 +32,9 @@ def peak_rss_mib(pid: int) -> float:
 
 def process_group(pgid: int) -> list[int]:
     """Return the pids whose process group is ``pgid``."""
-    members = []
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_path.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid:
-            members.append(int(stat_path.parent.name))
-    return members
+    from histomet.serve.launcher import process_group_members
+
+    return process_group_members(pgid)
 
 
 def server_peak_rss_mib(server_pid: int) -> tuple[float, int]:

@@ -132,7 +132,7 @@ def export_tiny(folder: Path) -> Path:
 def soak(args: argparse.Namespace, repository: Path) -> str:
     from histomet.serve.launcher import LocalTritonServer
     from histomet.serve.launcher import ServerConfig
-    from histomet.serve.launcher import _process_group_members
+    from histomet.serve.launcher import process_group_members
     from histomet.serve.launcher import free_port
 
     config = ServerConfig(
@@ -146,7 +146,7 @@ def soak(args: argparse.Namespace, repository: Path) -> str:
     with LocalTritonServer(config, log_path=log_path) as server:
 
         def server_rss() -> int:
-            return rss_bytes(_process_group_members(server.process.pid))
+            return rss_bytes(process_group_members(server.process.pid))
 
         def client_rss() -> int:
             return rss_bytes([os.getpid()])

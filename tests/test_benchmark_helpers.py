@@ -148,9 +148,9 @@ def test_choice_note_names_a_faster_variant() -> None:
     slower = {"name": "2 instances", "onnx_s": 9.0, "stream_s": 10.0}
     faster = {"name": "no queue delay", "onnx_s": 12.0, "stream_s": 10.0}
 
-    kept = choice_note(1.0, [slower])
-    assert "No variant beat it by more than 5%" in kept
-    assert "'2 instances' at 0.900" in kept
+    default_kept = choice_note(1.0, [slower])
+    assert "No variant beat it by more than 5%" in default_kept
+    assert "'2 instances' at 0.900" in default_kept
     beaten = choice_note(1.0, [slower, faster])
     assert "'no queue delay' beat it by 20%" in beaten
     assert "did not run" in choice_note(1.0, None)

@@ -169,7 +169,7 @@ def test_server_killed_mid_slide_retried_identically(slow_repository, shared_mem
 
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shm"])
 def test_server_gone_gives_error_after_last_retry(slow_repository, shared_memory):
-    """Check the error, also when a dead stream holds every shared memory slot."""
+    """Check the error, also when a dead stream has taken every shared memory slot."""
     config = loopback_config(slow_repository)
     options = PredictOptions(
         url=f"127.0.0.1:{config.grpc_port}",

@@ -18,7 +18,7 @@ from histomet import spec
 from histomet.errors import ServerUnavailableError
 from histomet.serve.launcher import LocalTritonServer
 from histomet.serve.launcher import ServerConfig
-from histomet.serve.launcher import _process_group_members
+from histomet.serve.launcher import process_group_members
 
 from .conftest import free_port
 from .conftest import loopback_config
@@ -345,7 +345,7 @@ def test_server_killed_mid_slide_gives_no_prediction(tiny_repository):
                     grid.n_tiles,
                     response_timeout_s=30,
                 )
-        stubs = _process_group_members(server.process.pid)
+        stubs = process_group_members(server.process.pid)
     finally:
         server.stop()
     assert raised.value.exit_code == 4

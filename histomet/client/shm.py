@@ -164,7 +164,7 @@ class SharedTileRing:
             self._free.put(index)
 
     def _unregister_orphans(self) -> None:
-        """Unregister ``histomet_`` regions whose files a dead client left unlinked."""
+        """Unregister ``histomet_`` regions whose files are gone with their client."""
         status = self._client.get_system_shared_memory_status(
             headers=self._headers, as_json=True
         )
@@ -176,7 +176,7 @@ class SharedTileRing:
             _LOGGER.info("unregistered shared memory %s left by a stopped client", name)
 
     def close(self) -> None:
-        """Unregister and destroy every region; failures are logged, not raised."""
+        """Unregister and destroy every region, logging failures instead of raising."""
         for name in self._registered:
             try:
                 self._client.unregister_system_shared_memory(

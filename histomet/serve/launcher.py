@@ -411,7 +411,7 @@ def check_repository(repository: Path) -> None:
         )
 
 
-def _process_group_members(pgid: int) -> list[int]:
+def process_group_members(pgid: int) -> list[int]:
     """Return the pids whose process group is ``pgid``, read from /proc."""
     members = []
     for stat_path in Path("/proc").glob("[0-9]*/stat"):
@@ -428,7 +428,7 @@ def _process_group_members(pgid: int) -> list[int]:
 def _live_members(pgid: int) -> list[int]:
     """Return the members of process group ``pgid`` that are not zombies."""
     live = []
-    for pid in _process_group_members(pgid):
+    for pid in process_group_members(pgid):
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
@@ -581,7 +581,7 @@ class LocalTritonServer:
         process = self._process
         if process is None:
             return None
-        stubs = _process_group_members(process.pid) if sys.platform == "linux" else []
+        stubs = process_group_members(process.pid) if sys.platform == "linux" else []
         regions = _shared_memory_regions(stubs)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -594,7 +594,7 @@ class LocalTritonServer:
                 process.kill()
                 process.wait()
         leftovers = (
-            _process_group_members(process.pid) if sys.platform == "linux" else []
+            process_group_members(process.pid) if sys.platform == "linux" else []
         )
         if leftovers:
             _LOGGER.warning(

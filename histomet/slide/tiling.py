@@ -167,8 +167,8 @@ def tile_tissue_fractions(
         return np.zeros(0, dtype=np.float64)
 
     height, width = mask.mask.shape
-    # A summed-area table, built in place: int32 holds any count below 2**31 mask
-    # pixels, and it is the largest array of the client's planning step.
+    # A summed-area table, built in place. int32 fits any count below 2**31 mask
+    # pixels, and this is the largest array of the client's planning step.
     dtype = np.int32 if height * width < 2**31 else np.int64
     integral = np.zeros((height + 1, width + 1), dtype=dtype)
     inner = integral[1:, 1:]
