@@ -8,6 +8,7 @@ per-process peaks can exceed the peak of the sum, so it is an upper bound.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.request
@@ -49,8 +50,6 @@ def server_peak_rss_mib(server_pid: int) -> tuple[float, int]:
 
 def cpu_seconds(pid: int) -> float:
     """Return the user plus system CPU seconds that process ``pid`` has used."""
-    import os
-
     # Fields 14 and 15 of /proc/PID/stat, after the command name in parentheses.
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

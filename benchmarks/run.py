@@ -182,6 +182,8 @@ def measure_full_encoder(args, work: Path) -> dict:
         other_slides = measure_other_slides(
             args, server, session, model_spec, batch_size
         )
+    # When the last request leaves, up to this many requests remain in flight.
+    max_in_flight = PredictOptions().max_in_flight
     return {
         "graphs": graphs,
         "model_spec": model_spec,
@@ -190,7 +192,7 @@ def measure_full_encoder(args, work: Path) -> dict:
         "repeats": args.repeats,
         "slide_name": args.slide.name,
         "reader": served[0]["slide"]["reader"],
-        "max_in_flight": PredictOptions().max_in_flight,
+        "max_in_flight": max_in_flight,
         "encoder": args.encoder,
         "config": config,
         "gflop_per_tile": vit_gflops_per_tile(config),
@@ -217,9 +219,8 @@ def measure_full_encoder(args, work: Path) -> dict:
         "last_batch_infer_s": statistics.median(
             h["last_batch_infer_s"] for h in halves
         ),
-        # When the last request leaves, up to max_in_flight requests remain.
         "tail_bound_s": statistics.median(
-            sum(h["batch_infer_s"][-PredictOptions().max_in_flight :]) for h in halves
+            sum(h["batch_infer_s"][-max_in_flight:]) for h in halves
         ),
         "queue_s": statistics.median(q["queue_s"] for q in queues),
         "compute_s": statistics.median(q["compute_s"] for q in queues),

@@ -159,7 +159,8 @@ def test_ring_unregisters_regions_of_dead_clients(triton_server) -> None:
         "histomet_1_dead_0", "/histomet_1_dead_0", 64
     )
     client.register_system_shared_memory("histomet_1_dead_0", "/histomet_1_dead_0", 64)
-    # A dead client's file is unlinked by Python's resource tracker, as here.
+    # Unlinking the file here does what Python's resource tracker does for a dead
+    # client, whose regions tritonclient creates with multiprocessing.shared_memory.
     system_shm.destroy_shared_memory_region(dead)
     alive = system_shm.create_shared_memory_region(
         "histomet_1_alive_0", "/histomet_1_alive_0", 64
